@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine (Python 3.11 + pip, no GPU):
+#   make study   set up .venv and run the default study (dvc repro)
+#   make test    set up .venv and run the tests
+# Both are idempotent: setup reruns only when pyproject.toml changes, and dvc repro skips what is up to date.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# A local CPU build on the project's machines; a GPU user sets TORCH to their CUDA build, or
+# installs torch into the venv first (an importable torch is kept as it is).
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,ssh
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup study test smoke
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+study: setup
+	dvc repro
+
+test: setup
+	pytest
+
+# The whole pipeline at smoke size, as an experiment (params.yaml is left as it is).
+smoke: setup
+	dvc exp run $$(python scripts/profile.py profiles/smoke.yaml)

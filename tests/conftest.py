@@ -1,0 +1,56 @@
+"""Shared fixtures: a throwaway copy of this project that has run `dvc repro` under the smoke profile."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_AUTHOR_NAME": "conngeo-test", "GIT_AUTHOR_EMAIL": "test@conngeo.invalid",
+    "GIT_COMMITTER_NAME": "conngeo-test", "GIT_COMMITTER_EMAIL": "test@conngeo.invalid",
+}
+
+
+def run(*cmd, cwd, check=True):
+    """Run a real CLI (git, dvc, python) and fail with its output if it fails."""
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def copy_project(dest: Path) -> Path:
+    """The working tree as git would commit it (tracked + untracked-not-ignored files), in a new repo."""
+    listed = run("git", "ls-files", "-co", "--exclude-standard", "-z", cwd=ROOT).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    run("git", "init", "-q", "-b", "main", cwd=dest)
+    return dest
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory) -> Path:
+    """A copy of the project, smoke profile applied and committed, after one `dvc repro`."""
+    repo = copy_project(tmp_path_factory.mktemp("smoke") / "repo")
+    run(sys.executable, "scripts/profile.py", "profiles/smoke.yaml", "--write", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "smoke project", cwd=repo)
+    run("dvc", "repro", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "repro", cwd=repo)
+    return repo

@@ -1,0 +1,115 @@
+"""End-to-end: the real dvc CLI on a copy of this project under the smoke profile."""
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ENV, run, tree_digest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_repro_writes_outputs_and_second_repro_is_noop(smoke_project):
+    images = smoke_project / "data/images/toyfood"
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())["toyworld"]
+    assert len(list(images.rglob("*.png"))) == params["shards"] * params["images_per_shard"]
+    assert (smoke_project / "dvc.lock").is_file()
+    before = tree_digest(smoke_project / "data")
+    out = run("dvc", "repro", cwd=smoke_project).stdout
+    assert "up to date" in out
+    assert run("dvc", "status", cwd=smoke_project).stdout.strip() == "Data and pipelines are up to date."
+    assert tree_digest(smoke_project / "data") == before
+    assert not run("git", "status", "--porcelain", cwd=smoke_project).stdout.strip()  # outputs are git-ignored
+
+
+def push_clone_pull(project: Path, work: Path, url: str, config: dict[str, str] = {}) -> Path:
+    """dvc push to `url`, git clone, dvc pull there; return the clone."""
+    for where in (project,):
+        run("dvc", "remote", "add", "--local", "-f", "-d", "test", url, cwd=where)
+        for key, value in config.items():
+            run("dvc", "remote", "modify", "--local", "test", key, value, cwd=where)
+    run("dvc", "push", cwd=project)
+    clone = work / "clone"
+    run("git", "clone", "-q", project, clone, cwd=work)
+    run("dvc", "remote", "add", "--local", "-f", "-d", "test", url, cwd=clone)
+    for key, value in config.items():
+        run("dvc", "remote", "modify", "--local", "test", key, value, cwd=clone)
+    run("dvc", "pull", cwd=clone)
+    return clone
+
+
+def assert_same_data(project: Path, clone: Path):
+    assert run("dvc", "status", cwd=clone).stdout.strip() == "Data and pipelines are up to date."
+    assert tree_digest(clone / "data") == tree_digest(project / "data")
+
+
+def test_push_pull_local_remote(smoke_project, tmp_path):
+    clone = push_clone_pull(smoke_project, tmp_path, str(tmp_path / "remote"))
+    assert_same_data(smoke_project, clone)
+
+
+def test_default_remote_is_a_local_folder_outside_the_repo(smoke_project):
+    out = run("dvc", "remote", "list", cwd=smoke_project).stdout
+    assert "conngeo-dvc-remote" in out and "(default)" in out
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 with a generated host key and a client key."""
+    binary = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(binary):
+        pytest.skip("sshd not installed (Debian: apt-get install openssh-server; .ci/run does this)")
+    if os.geteuid() != 0:
+        pytest.skip("sshd needs root here for its privilege-separation folder /run/sshd")
+    d = tmp_path_factory.mktemp("ssh")
+    for key in ("host", "client"):
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / key, cwd=d)
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([binary, "-D", "-e", "-f", d / "sshd_config"], stderr=open(d / "log", "w"))
+    for _ in range(100):  # wait up to ~10 s for the port, without sleeping on the clock
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            try:
+                proc.wait(timeout=0.1)
+                pytest.skip(f"sshd could not start: {(d / 'log').read_text()[-500:]}")
+            except subprocess.TimeoutExpired:
+                pass
+    else:
+        proc.kill()
+        pytest.skip("sshd did not open its port in 10 s")
+    yield {"port": port, "user": getpass.getuser(), "key": d / "client", "dir": d}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_push_pull_ssh_remote(smoke_project, tmp_path, sshd):
+    url = f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}{tmp_path / 'ssh-remote'}"
+    clone = push_clone_pull(smoke_project, tmp_path, url, {"keyfile": str(sshd["key"])})
+    assert_same_data(smoke_project, clone)
+    assert any((tmp_path / "ssh-remote").rglob("*")), "nothing arrived on the SSH side"
+
+
+def test_exp_run_with_other_seed(smoke_project, tmp_path):
+    repo = tmp_path / "exp"
+    shutil.copytree(smoke_project, repo)
+    before = (repo / "data/images/toyfood/attributes.csv").read_text()
+    run("dvc", "exp", "run", "-n", "seed1", "-S", "toyworld.seed=1", cwd=repo)
+    assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
+    shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
+    assert "seed1" in shown
