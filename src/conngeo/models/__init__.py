@@ -1,0 +1,39 @@
+"""Model adapters, one file per family, registered by importing every module in this package."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import Adapter, MissingCheckpointError
+
+_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references"}
+
+
+def families() -> dict[str, type[Adapter]]:
+    """family name -> Adapter subclass, for every family file in this package."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _NOT_FAMILIES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    return {cls.family: cls for cls in _subclasses(Adapter) if getattr(cls, "family", None)}
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def adapter_class(family: str) -> type[Adapter]:
+    known = families()
+    if family not in known:
+        raise KeyError(f"unknown model family {family!r}; known families: {sorted(known)}")
+    return known[family]
+
+
+def load_adapter(family: str, source: str, revision: str | None = None, device: str = "cpu",
+                 dtype: str = "float32", prompt: str = "") -> Adapter:
+    return adapter_class(family).load(source, revision=revision, device=device, dtype=dtype, prompt=prompt)
+
+
+__all__ = ["Adapter", "MissingCheckpointError", "families", "adapter_class", "load_adapter"]
