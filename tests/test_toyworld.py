@@ -73,3 +73,16 @@ def test_images_have_variety_and_size(tmp_path):
         scenes.add((row["kind1"], row["kind2"]))
         assert 0.3 < float(row["plate_radius"]) < 0.5
     assert len(scenes) > 10  # many kinds and pairs appear
+
+
+def test_caption_truth_hand_cases():
+    ref = "two red apples and a yellow banana on a blue plate"
+    assert all(toyworld.caption_truth(ref, ref).values())
+    wrong_count = toyworld.caption_truth("three red apples and a yellow banana on a blue plate", ref)
+    assert wrong_count == {"parses": True, "kinds": True, "counts": False, "colours": True, "exact": False}
+    wrong_plate = toyworld.caption_truth("two red apples and a yellow banana on a pink plate", ref)
+    assert wrong_plate["colours"] is False and wrong_plate["counts"] is True
+    missing_kind = toyworld.caption_truth("two red apples on a blue plate", ref)
+    assert not missing_kind["kinds"] and not missing_kind["counts"] and not missing_kind["colours"]
+    assert not any(toyworld.caption_truth("apples apples", ref).values())
+    assert not any(toyworld.caption_truth("", ref).values())

@@ -44,3 +44,20 @@ def test_incomplete_and_inconsistent_shards(tmp_path):
         read_shard(tmp_path / "a")
     with pytest.raises(ValueError, match="stems"):
         write_shard(tmp_path / "c", stems[:2], pre, post)
+
+
+def test_embeddings_round_trip_and_errors(tmp_path):
+    from conngeo.data.vectors import read_embeddings, write_embeddings
+
+    emb = torch.arange(12.0).reshape(4, 3)
+    write_embeddings(tmp_path / "a", ["w", "x", "y", "z"], emb[:4])
+    write_embeddings(tmp_path / "b", ["q"], emb[:1] * 2)
+    stems, both = read_embeddings([tmp_path / "a", tmp_path / "b"])
+    assert stems == ["w", "x", "y", "z", "q"] and torch.equal(both, torch.cat([emb, emb[:1] * 2]))
+    (tmp_path / "b" / "index.csv").write_text("stem\nq\nr\n")
+    with pytest.raises(ValueError, match="2 stems"):
+        read_embeddings([tmp_path / "b"])
+    with pytest.raises(FileNotFoundError, match="incomplete embeddings"):
+        read_embeddings([tmp_path / "nope"])
+    with pytest.raises(ValueError, match="3 stems"):
+        write_embeddings(tmp_path / "c", ["a", "b", "c"], emb)

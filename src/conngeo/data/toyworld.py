@@ -245,3 +245,27 @@ def parse_caption(text: str) -> dict:
             raise ValueError(f"unknown food {w[2]!r} in {text!r}")
         foods.append((kind, w[1], count))
     return {"foods": foods, "plate": plate}
+
+
+def caption_truth(generated: str, reference: str) -> dict[str, bool]:
+    """Which attributes of the reference caption a generated caption gets right, model-free.
+
+    kinds: the same set of food kinds; counts: every reference kind has its count; colours: every
+    reference kind has its colour and the plate colour matches; parses: the caption is well-formed;
+    exact: the same caption. A caption that does not parse gets every attribute wrong.
+    """
+    ref = parse_caption(reference)
+    try:
+        gen = parse_caption(generated)
+    except ValueError:
+        return {"parses": False, "kinds": False, "counts": False, "colours": False, "exact": False}
+    want = {kind: (colour, count) for kind, colour, count in ref["foods"]}
+    got = {kind: (colour, count) for kind, colour, count in gen["foods"]}
+    same_kinds = set(want) == set(got)
+    return {
+        "parses": True,
+        "kinds": same_kinds,
+        "counts": same_kinds and all(got[k][1] == want[k][1] for k in want),
+        "colours": same_kinds and all(got[k][0] == want[k][0] for k in want) and gen["plate"] == ref["plate"],
+        "exact": generated.strip() == reference.strip(),
+    }

@@ -101,3 +101,37 @@ def read_vectors(folders: list[Path]) -> Shard:
         pre += shard.pre
         post += shard.post
     return Shard(stems, pre, post)
+
+
+# -- pooled embeddings: one vector per image (reference spaces such as clip, dino, attributes) ------
+EMBEDDINGS = "embeddings.safetensors"
+
+
+def write_embeddings(folder: Path, stems: list[str], embeddings: torch.Tensor) -> None:
+    """Write `embeddings` [n_images, dim] with their stems; index.csv (renamed last) marks completion."""
+    if len(stems) != embeddings.shape[0]:
+        raise ValueError(f"write_embeddings: {len(stems)} stems but {embeddings.shape[0]} rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX).unlink(missing_ok=True)
+    atomic_save({"embeddings": embeddings.detach().cpu()}, folder / EMBEDDINGS)
+    tmp = folder / (INDEX + ".tmp")
+    tmp.write_text("stem\n" + "".join(f"{s}\n" for s in stems))
+    os.replace(tmp, folder / INDEX)
+
+
+def read_embeddings(folders: list[Path]) -> tuple[list[str], torch.Tensor]:
+    """Stems and embeddings of several folders written by write_embeddings, concatenated in order."""
+    stems, parts = [], []
+    for folder in map(Path, folders):
+        if not (folder / INDEX).is_file() or not (folder / EMBEDDINGS).is_file():
+            raise FileNotFoundError(f"{folder}: incomplete embeddings (needs {INDEX} and {EMBEDDINGS}); "
+                                    "rerun the stage that writes it (e.g. `dvc repro references`)")
+        rows = (folder / INDEX).read_text().splitlines()[1:]
+        emb = load_file(str(folder / EMBEDDINGS))["embeddings"]
+        if len(rows) != emb.shape[0]:
+            raise ValueError(f"{folder / EMBEDDINGS}: {emb.shape[0]} rows but {INDEX} lists {len(rows)} stems; "
+                             "delete the folder and rerun the stage")
+        stems += rows
+        parts.append(emb)
+    return stems, torch.cat(parts)
