@@ -58,6 +58,8 @@ class Adapter(ABC):
     family: ClassVar[str]  # registry key, e.g. "llava"
     # keys of `prepare`'s output that carry pixels; dropped when generating from a supplied E_post
     pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # the family's image placeholder tokens, added to a tiny model's word-level tokenizer
+    special_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model, processor, prompt: str = ""):
         self.model = model.eval()
@@ -94,6 +96,10 @@ class Adapter(ABC):
     @abstractmethod
     def connector(self) -> torch.nn.Module:
         """The connector module (the hook point): its forward input is E_pre, its output E_post."""
+
+    def vision_encoder(self) -> torch.nn.Module:
+        """The vision encoder before the connector (frozen by the LLaVA and Idefics2 zoo recipes)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its vision encoder")
 
     @abstractmethod
     def prepare(self, images: list[Image.Image], captions: list[str] | None = None) -> dict:
