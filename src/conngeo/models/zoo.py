@@ -1,0 +1,81 @@
+"""Training and checking the tiny zoo: a family's tiny model learns to caption the toy-food world.
+
+The recipe follows the real families: LLaVA and Idefics2 keep a pretrained vision encoder frozen and
+train connector + language model; the Qwen families train everything jointly
+(`Adapter.trains_vision_encoder`). The loss is the model's own caption loss (`labels` from
+`Adapter.prepare(images, captions)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..data.toyworld import caption_truth
+
+ATTRIBUTES = ("parses", "kinds", "counts", "colours", "exact")
+
+
+def trainable_parameters(adapter) -> list[torch.nn.Parameter]:
+    """Everything, or everything but the vision encoder where the family's recipe freezes it."""
+    if adapter.trains_vision_encoder:
+        return [p for p in adapter.model.parameters() if p.requires_grad]
+    frozen = {id(p) for p in adapter.vision_encoder().parameters()}
+    frozen -= {id(p) for p in adapter.connector().parameters()}
+    for p in adapter.model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    return [p for p in adapter.model.parameters() if p.requires_grad]
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warmup to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_captioner(adapter, images: list, captions: list[str], *, steps: int, batch_size: int, lr: float,
+                    seed: int = 0, warmup: int = 100, weight_decay: float = 0.01,
+                    log: Callable[[int, dict], None] | None = None, log_every: int = 50) -> list[float]:
+    """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step."""
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    params = trainable_parameters(adapter)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+    model = adapter.model.train()
+    if not adapter.trains_vision_encoder:
+        adapter.vision_encoder().eval()  # frozen: no dropout noise either
+    losses, perm = [], torch.empty(0, dtype=torch.long)
+    for step in tqdm(range(steps), desc=f"zoo {adapter.family}", unit="step"):
+        if len(perm) < batch_size:
+            perm = torch.randperm(len(images), generator=order)
+        idx, perm = perm[:batch_size].tolist(), perm[batch_size:]
+        batch = adapter.prepare([images[i] for i in idx], [captions[i] for i in idx])
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % log_every == 0 or step == steps - 1):
+            log(step, {"loss": sum(losses[-log_every:]) / len(losses[-log_every:]), "lr": sched.get_last_lr()[0]})
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def caption_accuracy(adapter, images: list, references: list[str], batch_size: int = 64,
+                     max_new_tokens: int = 24) -> tuple[dict[str, float], list[str]]:
+    """Per-attribute accuracy of greedy captions against the toy world's reference captions."""
+    generated = []
+    for i in range(0, len(images), batch_size):
+        generated += adapter.generate(images[i:i + batch_size], max_new_tokens=max_new_tokens)
+    truth = [caption_truth(g, r) for g, r in zip(generated, references)]
+    return {a: sum(t[a] for t in truth) / len(truth) for a in ATTRIBUTES}, generated

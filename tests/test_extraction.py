@@ -1,0 +1,86 @@
+"""Extraction on a tiny random model: shards hold exactly what the adapter computes, and a run
+killed mid-way resumes to byte-identical files."""
+
+import pytest
+import torch
+
+from conngeo.data import toyworld
+from conngeo.data.images import load_image, scan
+from conngeo.data.vectors import read_shard
+from conngeo.extraction import extract
+from conngeo.models import adapter_class
+from models_helpers import toy_tokenizer
+
+SPEC = {"family": "qwen2.5vl", "source": "test", "revision": None, "dtype": "float32", "prompt": ""}
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    cls = adapter_class("qwen2.5vl")
+    return cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    toyworld.generate(root, split="study", seed=0, shards=2, images_per_shard=7, size=48)
+    return scan(root).items
+
+
+class Interrupted(Exception):
+    pass
+
+
+class DiesAfter:
+    """The adapter, but the process 'dies' at the n-th batch."""
+
+    def __init__(self, adapter, n):
+        self.adapter, self.n = adapter, n
+
+    def __getattr__(self, name):
+        return getattr(self.adapter, name)
+
+    def encode(self, images):
+        self.n -= 1
+        if self.n < 0:
+            raise Interrupted
+        return self.adapter.encode(images)
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_shards_hold_what_the_adapter_computes(adapter, items, tmp_path):
+    summary = extract(adapter, items, tmp_path, SPEC, batch_size=3, save_every=4)
+    assert summary["shards"] == {"shard000": "done", "shard001": "done"}
+    shard = read_shard(tmp_path / "shard001")
+    assert shard.stems == [it.stem for it in items if it.shard == "shard001"]
+    images = [load_image(it.path) for it in items if it.shard == "shard001"]
+    pre, post = [], []
+    for batch in (images[0:3], images[3:4], images[4:7]):  # the same batches: results are exact
+        p, q = adapter.encode(batch)
+        pre, post = pre + p, post + q
+    assert all(torch.equal(a, b) for a, b in zip(shard.pre, pre))
+    assert all(torch.equal(a, b) for a, b in zip(shard.post, post))
+    assert not (tmp_path / "shard001" / "parts").exists()
+    assert extract(adapter, items, tmp_path, SPEC, batch_size=3, save_every=4)["shards"]["shard000"] == "skipped"
+
+
+def test_interrupted_run_resumes_to_identical_bytes(adapter, items, tmp_path):
+    extract(adapter, items, tmp_path / "clean", SPEC, batch_size=3, save_every=4)
+    with pytest.raises(Interrupted):  # chunks of 4 and 3 images; batches 3+1, then 3: dies in the 2nd chunk
+        extract(DiesAfter(adapter, 2), items, tmp_path / "resumed", SPEC, batch_size=3, save_every=4)
+    assert (tmp_path / "resumed" / "shard000" / "parts" / "part00000.safetensors").is_file()
+    assert not (tmp_path / "resumed" / "shard000" / "index.csv").exists()  # nothing looks complete
+    counting = DiesAfter(adapter, 10**6)
+    summary = extract(counting, items, tmp_path / "resumed", SPEC, batch_size=3, save_every=4)
+    assert summary["shards"] == {"shard000": "resumed", "shard001": "done"}
+    assert 10**6 - counting.n == 1 + 3  # only the missing chunk of shard000, then shard001
+    assert files(tmp_path / "resumed") == files(tmp_path / "clean")
+
+
+def test_other_model_spec_is_not_reused(adapter, items, tmp_path):
+    extract(adapter, items, tmp_path, SPEC, batch_size=4, save_every=4)
+    other = {**SPEC, "revision": "abc"}
+    assert set(extract(adapter, items, tmp_path, other, batch_size=4, save_every=4)["shards"].values()) == {"done"}
