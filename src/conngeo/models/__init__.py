@@ -7,7 +7,7 @@ import pkgutil
 
 from .base import Adapter, MissingCheckpointError
 
-_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references"}
+_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain"}
 
 
 def families() -> dict[str, type[Adapter]]:
