@@ -1,0 +1,24 @@
+"""What every stage script shares: reading params.yaml and resolving a model name to its checkpoint."""
+
+from pathlib import Path
+
+import yaml
+
+PARAMS = Path("params.yaml")
+
+
+def load_params(path: Path = PARAMS) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def model_spec(name: str, params: dict) -> dict:
+    """{family, source, revision, dtype, prompt} of model `name`, from its `use` (tiny or real) entry."""
+    models = params.get("models") or {}
+    if name not in models:
+        raise SystemExit(f"unknown model {name!r} in params.yaml `models`; known: {sorted(models)}")
+    entry = models[name]
+    use = entry.get("use", "tiny")
+    if use not in entry:
+        raise SystemExit(f"params.yaml models.{name}.use is {use!r} but models.{name} has no {use!r} entry")
+    spec = {"revision": None, "dtype": "float32", "prompt": "", **entry[use]}
+    return {"name": name, "family": entry["family"], **spec}

@@ -1,0 +1,59 @@
+"""Stage extract: E_pre and E_post of every image for one model, into data/vectors/<model>/<shard>/."""
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+
+from common import load_params, model_spec
+from conngeo.data.images import scan
+from conngeo.extraction import extract
+from conngeo.models import load_adapter
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: str = typer.Option(..., help="a name from params.yaml `models`"),
+    root: Path = typer.Option(None, help="image root (default: params data.root)"),
+    out: Path = typer.Option(None, help="output folder (default: data/vectors/<model>)"),
+    shards: list[str] = typer.Option(None, help="only these shards (repeatable); default all"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: params extract.device)"),
+    dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: the model's)"),
+    batch_size: int = typer.Option(None, help="images per forward pass"),
+    num_workers: int = typer.Option(None, help="DataLoader workers decoding images"),
+    save_every: int = typer.Option(None, help="images per resumable part file"),
+    skip_existing: bool = typer.Option(True, help="keep finished shards/parts of the same model and images"),
+    metrics: Path = typer.Option(None, help="summary JSON (default: metrics/extract/<model>.json)"),
+):
+    """Extract E_pre (connector input) and E_post (connector output) per image, resumably."""
+    params = load_params()
+    cfg, data = params["extract"], params["data"]
+    spec = model_spec(model, params)
+    if dtype:
+        spec["dtype"] = dtype
+    root = root or Path(data["root"])
+    out = out or Path("data/vectors") / model
+    if not skip_existing and out.exists():
+        shutil.rmtree(out)
+    folder = scan(root, shards=shards or None, on_bad_image=data["on_bad_image"])
+    for path in folder.missing_captions:
+        typer.echo(f"extract: no caption {path} (kept; captions are not needed here)")
+    for path, why in folder.skipped:
+        typer.echo(f"extract: skipped unreadable image {path}: {why}")
+    adapter = load_adapter(spec["family"], spec["source"], revision=spec["revision"],
+                           device=device or cfg["device"], dtype=spec["dtype"], prompt=spec["prompt"])
+    summary = extract(adapter, folder.items, out, spec, batch_size=batch_size or cfg["batch_size"],
+                      save_every=save_every or cfg["save_every"], num_workers=cfg["num_workers"] if num_workers is None else num_workers)
+    summary.update(model=spec, skipped=[str(p) for p, _ in folder.skipped],
+                   missing_captions=len(folder.missing_captions))
+    metrics = metrics or Path("metrics/extract") / f"{model}.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out} in {summary['seconds']} s")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,90 @@
+"""Stage pretrain: the tiny pretrained models the zoo and the references stand on.
+
+clip    CLIPModel, contrastive on (image, caption): the `clip` reference space and the frozen
+        vision encoder of the tiny LLaVA
+siglip  SiglipModel, sigmoid loss on (image, caption): the frozen vision encoder of the tiny Idefics2
+dino    Dinov2Model, self-supervised on images alone: the `dino` reference space
+"""
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from dvclive import Live
+
+from common import load_params
+from conngeo.data.images import load_image, scan
+from conngeo.data.toyworld import parse_caption
+from conngeo.models.tokenizer import build_tokenizer, read_vocab
+
+app = typer.Typer(add_completion=False)
+
+
+def trainer(kind: str):
+    if kind == "clip":
+        from conngeo.models.pretrain import train_tiny_clip
+        return train_tiny_clip
+    if kind == "siglip":
+        from conngeo.models.pretrain_siglip import train_tiny_siglip
+        return train_tiny_siglip
+    if kind == "dino":
+        from conngeo.models.pretrain import train_tiny_dino
+        return lambda images, captions, tokenizer, **kw: train_tiny_dino(images, **kw)
+    raise SystemExit(f"unknown kind {kind!r}; choose clip, siglip or dino")
+
+
+def quality(kind: str, model, processor, heldout) -> dict:
+    """A held-out check that the model learned something: CLIP image->caption retrieval; for DINO a
+    kNN probe of the first food kind (training images: the first half of held-out, tested on the rest)."""
+    images, captions = [load_image(it.path) for it in heldout], [it.caption for it in heldout]
+    if kind == "clip":
+        from conngeo.models.pretrain import retrieval_accuracy
+        return {"heldout_retrieval": retrieval_accuracy(model, processor, images, captions)}
+    if kind == "dino":
+        from conngeo.models.pretrain import probe_reference
+        from conngeo.models.references import DinoReference
+        kinds = [parse_caption(c)["foods"][0][0] for c in captions]
+        half = len(images) // 2
+        probe = probe_reference(DinoReference(model, processor), images[:half], kinds[:half], images[half:], kinds[half:])
+        return {"heldout_kind_probe": probe}
+    return {}
+
+
+@app.command()
+def main(
+    kind: str = typer.Option(..., help="clip, siglip or dino"),
+    train_root: Path = typer.Option(Path("data/images/toyfood_train"), help="training split"),
+    out: Path = typer.Option(None, help="checkpoint folder (default data/models/<kind>)"),
+):
+    """Train one tiny pretrained model on the training split (held-out images excluded) and save it."""
+    params = load_params()
+    zoo, recipe = params["zoo"], params["zoo"][kind]
+    out = out or Path("data/models") / kind
+    all_items = scan(train_root).items
+    items, heldout = all_items[:-zoo["heldout"]], all_items[-zoo["heldout"]:]
+    images, captions = [load_image(it.path) for it in items], [it.caption for it in items]
+    tokenizer = build_tokenizer(read_vocab(train_root / "vocab.txt"))
+    start = time.perf_counter()
+    with Live(dir=f"dvclive/pretrain/{kind}", dvcyaml=False, save_dvc_exp=False) as live:
+        def log(step, values):
+            live.step = step
+            for key, value in values.items():
+                live.log_metric(f"train/{key}", value)
+            live.next_step()
+        model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["image_size"],
+                                         steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                                         seed=zoo["seed"], log=log)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    report = {"kind": kind, "parameters": sum(p.numel() for p in model.parameters()),
+              "train_seconds": round(seconds, 1), "train_images": len(items), **quality(kind, model, processor, heldout)}
+    metrics = Path("metrics/zoo") / f"{kind}.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"pretrain: {kind}: {report['parameters'] / 1e6:.2f}M parameters, {seconds:.0f} s -> {out}")
+
+
+if __name__ == "__main__":
+    app()
