@@ -109,7 +109,9 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
     repo = tmp_path / "exp"
     shutil.copytree(smoke_project, repo)
     before = (repo / "data/images/toyfood/attributes.csv").read_text()
-    run("dvc", "exp", "run", "-n", "seed1", "-S", "toyworld.seed=1", cwd=repo)
+    # only the toyworld stage: the rest of the pipeline would rerun on the new world, which the
+    # repro test already covers and CI has no time for twice
+    run("dvc", "exp", "run", "-n", "seed1", "-S", "toyworld.seed=1", "toyworld", cwd=repo)
     assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
     shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
     assert "seed1" in shown

@@ -7,7 +7,7 @@ import pkgutil
 
 from .base import Adapter, MissingCheckpointError
 
-_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain"}
+_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain", "pretrain_siglip"}
 
 
 def families() -> dict[str, type[Adapter]]:

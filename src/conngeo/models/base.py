@@ -139,10 +139,19 @@ class Adapter(ABC):
     # Whether the family's recipe trains the vision encoder (Qwen) or keeps a pretrained one frozen
     # (LLaVA, Idefics2).
     trains_vision_encoder: ClassVar[bool] = False
+    # The pretrain product (a folder name under the zoo's pretrained models, e.g. "clip") whose
+    # vision tower the family freezes; None where the family trains its own encoder.
+    frozen_encoder: ClassVar[str | None] = None
+
+    @classmethod
+    def load_frozen_encoder(cls, folder: Path):
+        """The pretrained vision encoder in `folder`, as `tiny(vision_encoder=...)` accepts it."""
+        raise NotImplementedError(f"{cls.__name__} has no frozen pretrained encoder (frozen_encoder is None)")
 
     @classmethod
     @abstractmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder=None, seed: int = 0) -> "Adapter":
         """A random-init tiny model (about 0.5-3M parameters) of the family's real class, with a
         processor built around `tokenizer` (see conngeo.models.tokenizer). `vision_encoder`, where
-        the family freezes a pretrained encoder, is a CLIPVisionModel whose weights are copied in."""
+        the family freezes a pretrained encoder, is what `load_frozen_encoder` returns (e.g. a
+        CLIPVisionModel); its weights are copied in."""

@@ -186,6 +186,13 @@ class Idefics2Adapter(Adapter):
         return [run(p[None])[0] for p in pre]  # images of different sizes: one by one
 
     # -- the tiny zoo ------------------------------------------------------------------------------
+    frozen_encoder = "siglip"
+
+    @classmethod
+    def load_frozen_encoder(cls, folder: Path) -> SiglipVisionModel:
+        """The vision tower of the zoo's tiny SigLIP (a SiglipModel save_pretrained folder)."""
+        return SiglipVisionModel.from_pretrained(folder)
+
     @classmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder=None, seed: int = 0, patch_size: int = 8,
              text_width: int = 128, text_depth: int = 2, latents: int = 16,

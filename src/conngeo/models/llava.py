@@ -131,6 +131,13 @@ class LlavaAdapter(Adapter):
         return [p.float().cpu() for p in post]
 
     # -- the tiny zoo ------------------------------------------------------------------------------
+    frozen_encoder = "clip"
+
+    @classmethod
+    def load_frozen_encoder(cls, folder: Path) -> CLIPVisionModel:
+        """The vision tower of the zoo's tiny CLIP (a CLIPModel save_pretrained folder)."""
+        return CLIPVisionModel.from_pretrained(folder)
+
     @classmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder: CLIPVisionModel | None = None, seed: int = 0,
              patch_size: int = 8, text_width: int = 128, text_depth: int = 2) -> "LlavaAdapter":

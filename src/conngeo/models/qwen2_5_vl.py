@@ -256,17 +256,17 @@ class Qwen2_5_VLAdapter(Adapter):
 
     @classmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder=None, seed: int = 0,
-             patch_size: int = 8) -> "Qwen2_5_VLAdapter":
-        """A random-init tiny model; `vision_encoder` is ignored (Qwen trains its own jointly)."""
+             patch_size: int = 8, **config) -> "Qwen2_5_VLAdapter":
+        """A random-init tiny model; `vision_encoder` is ignored (Qwen trains its own jointly).
+        `config` goes to `tiny_config` (vision_width, vision_depth, text_width, text_depth)."""
         missing = [t for t in cls.special_tokens if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"the tokenizer lacks {missing}: build it with "
                              f"build_tokenizer(words, {cls.__name__}.special_tokens)")
         if image_size % (2 * patch_size):
             raise ValueError(f"image_size {image_size} must be a multiple of 2 * patch_size = {2 * patch_size}")
-        config = cls.tiny_config(tokenizer, image_size, patch_size=patch_size)
         torch.manual_seed(seed)
-        model = cls.model_class(config)
+        model = cls.model_class(cls.tiny_config(tokenizer, image_size, patch_size=patch_size, **config))
         settings = model.generation_config
         settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         settings.pad_token_id = tokenizer.pad_token_id

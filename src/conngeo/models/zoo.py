@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ..data.toyworld import caption_truth
@@ -31,6 +32,17 @@ def trainable_parameters(adapter) -> list[torch.nn.Parameter]:
     return [p for p in adapter.model.parameters() if p.requires_grad]
 
 
+def dihedral(image: Image.Image, draw: torch.Tensor) -> Image.Image:
+    """One of the 8 flips/rotations of a square image, chosen by three coin tosses in `draw`."""
+    if draw[0]:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if draw[1]:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if draw[2]:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    return image
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warmup to 1, then cosine decay to 0.1."""
     if step < warmup:
@@ -40,9 +52,13 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def train_captioner(adapter, images: list, captions: list[str], *, steps: int, batch_size: int, lr: float,
-                    seed: int = 0, warmup: int = 100, weight_decay: float = 0.01,
+                    seed: int = 0, warmup: int = 100, weight_decay: float = 0.01, augment: bool = False,
                     log: Callable[[int, dict], None] | None = None, log_every: int = 50) -> list[float]:
-    """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step."""
+    """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step.
+
+    `augment` shows each image under a random flip/rotation (`dihedral`): only for captions that
+    say nothing about left, right, up or down, as the toy world's do.
+    """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     params = trainable_parameters(adapter)
@@ -56,7 +72,11 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
         if len(perm) < batch_size:
             perm = torch.randperm(len(images), generator=order)
         idx, perm = perm[:batch_size].tolist(), perm[batch_size:]
-        batch = adapter.prepare([images[i] for i in idx], [captions[i] for i in idx])
+        batch_images = [images[i] for i in idx]
+        if augment:
+            draws = torch.randint(0, 2, (len(idx), 3), generator=order)
+            batch_images = [dihedral(image, draw) for image, draw in zip(batch_images, draws)]
+        batch = adapter.prepare(batch_images, [captions[i] for i in idx])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,123 @@
+"""The tiny zoo's training recipes, a few steps each: the caption loss falls; LLaVA and Idefics2
+keep their pretrained encoder byte for byte (and see images exactly as that encoder was trained
+on them), the Qwen families train theirs; the tiny SigLIP trains with its sigmoid loss."""
+
+import pytest
+import torch
+from transformers import SiglipModel, SiglipProcessor, SiglipVisionModel
+
+from conngeo.models import adapter_class, pretrain
+from conngeo.models.pretrain_siglip import siglip_text_inputs, tiny_siglip, train_tiny_siglip
+from conngeo.models.zoo import train_captioner
+from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
+
+FAMILIES = ["llava", "idefics2", "qwen2.5vl", "qwen3.5"]
+FROZEN = [f for f in FAMILIES if adapter_class(f).frozen_encoder]
+PRETRAINED = {"clip": pretrain.tiny_clip, "siglip": tiny_siglip}  # pretrain products by name
+SMALL = dict(patch_size=8, hidden_size=32, num_layers=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two OpenMP threads on a busy 2-core machine spin far longer than these tiny models compute
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_images(4)
+
+
+def pretrained_encoder(cls, folder):
+    """A random tiny pretrain product of the kind `cls` freezes, saved and loaded back the way the
+    zoo stage does: (the full model, what load_frozen_encoder returns)."""
+    model, processor = PRETRAINED[cls.frozen_encoder](toy_tokenizer(), image_size=IMAGE_SIZE, seed=1, **SMALL)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model.eval(), processor, cls.load_frozen_encoder(folder)
+
+
+def test_the_families_name_their_frozen_encoders():
+    assert {f: adapter_class(f).frozen_encoder for f in FAMILIES} == {
+        "llava": "clip", "idefics2": "siglip", "qwen2.5vl": None, "qwen3.5": None}
+    assert all(adapter_class(f).trains_vision_encoder == (adapter_class(f).frozen_encoder is None) for f in FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_lowers_the_loss_and_follows_the_recipe(family, toy, tmp_path):
+    images, captions = toy
+    cls = adapter_class(family)
+    encoder = pretrained_encoder(cls, tmp_path / "encoder")[2] if cls.frozen_encoder else None
+    adapter = cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, vision_encoder=encoder, seed=0)
+    connector = {id(p) for p in adapter.connector().parameters()}
+    vision = {name: p.detach().clone() for name, p in adapter.vision_encoder().named_parameters()
+              if id(p) not in connector}
+    rest = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+
+    losses = train_captioner(adapter, images, captions, steps=12, batch_size=4, lr=3e-3, warmup=1)
+
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    after = dict(adapter.vision_encoder().named_parameters())
+    if cls.trains_vision_encoder:
+        unchanged = [n for n, p in vision.items() if torch.equal(p, after[n])]
+        assert not unchanged, f"{family} trains its vision encoder, but these stayed: {unchanged}"
+    else:
+        for name, p in vision.items():
+            assert torch.equal(p, after[name]), f"{family}'s frozen encoder weight {name} changed"
+    final = dict(adapter.model.named_parameters())
+    for part, module in (("connector", adapter.connector()), ("language model", adapter.model.lm_head)):
+        names = {n for n, p in final.items() if any(p is q for q in module.parameters())}
+        assert names and all(not torch.equal(rest[n], final[n]) for n in names), f"{family}: {part} not trained"
+
+
+@pytest.mark.parametrize("family", FROZEN)
+def test_frozen_encoder_sees_images_as_it_was_trained(family, toy, tmp_path):
+    """E_pre inside the VLM == the pretrained model's own vision tower on its own preprocessing."""
+    images, _ = toy
+    cls = adapter_class(family)
+    model, processor, encoder = pretrained_encoder(cls, tmp_path / "encoder")
+    adapter = cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, vision_encoder=encoder, seed=0)
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+    # LLaVA reads the second-to-last layer without CLS; Idefics2 the last one (after post-layernorm)
+    want = out.hidden_states[-2][:, 1:] if family == "llava" else out.last_hidden_state
+    pre, _ = adapter.encode(images)
+    torch.testing.assert_close(torch.stack(pre), want, rtol=0, atol=1e-5)
+
+
+def test_tiny_siglip_trains_and_saves_a_vision_tower(tmp_path):
+    images, captions = toy_images(16)
+    losses = []
+    model, processor = train_tiny_siglip(images, captions, toy_tokenizer(), image_size=IMAGE_SIZE, steps=10,
+                                         batch_size=8, lr=3e-3, seed=0, log=lambda step, v: losses.append(v["loss"]),
+                                         **SMALL)
+    assert len(losses) == 10 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    assert isinstance(model, SiglipModel) and not model.training
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    vision = SiglipVisionModel.from_pretrained(tmp_path)
+    reloaded = SiglipProcessor.from_pretrained(tmp_path)
+    pixels = reloaded.image_processor(images=images[:2], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(vision(pixel_values=pixels).pooler_output,
+                                   model.get_image_features(pixel_values=pixels).pooler_output, rtol=0, atol=1e-6)
+    assert torch.allclose(pixels, processor.image_processor(images=images[:2], return_tensors="pt")["pixel_values"])
+
+
+def test_siglip_text_ends_with_eos_at_the_pooled_position():
+    tok = toy_tokenizer()
+    _, processor = tiny_siglip(tok, image_size=IMAGE_SIZE, max_text_length=16, **SMALL)
+    captions = ["a red apple on a blue plate", "three white eggs and two green lemons on a pink plate"]
+    text = siglip_text_inputs(processor, captions)
+    assert text["input_ids"].shape == (2, 16)
+    assert (text["input_ids"][:, -1] == tok.eos_token_id).all()  # SiglipTextModel pools position -1
+    lengths = [len(c.split()) + 1 for c in captions]
+    assert text["attention_mask"].sum(1).tolist() == lengths
+    for row, n in zip(text["input_ids"], lengths):
+        assert (row[:-n] == tok.pad_token_id).all() and tok.decode(row[-n:-1]) in captions
+    with pytest.raises(ValueError, match="max_text_length"):
+        siglip_text_inputs(processor, [" ".join(["apple"] * 16)])
