@@ -22,3 +22,14 @@ def model_spec(name: str, params: dict) -> dict:
         raise SystemExit(f"params.yaml models.{name}.use is {use!r} but models.{name} has no {use!r} entry")
     spec = {"revision": None, "dtype": "float32", "prompt": "", **entry[use]}
     return {"name": name, "family": entry["family"], **spec}
+
+
+def dvclive_logger(live, prefix: str = ""):
+    """A `log(step, {name: value})` callback for the library's training loops, writing to dvclive
+    (the library itself knows nothing of dvclive)."""
+    def log(step, values):
+        live.step = step
+        for key, value in values.items():
+            live.log_metric(f"{prefix}{key}", value)
+        live.next_step()
+    return log

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from dvclive import Live
 
-from common import load_params
+from common import dvclive_logger, load_params
 from conngeo.data.images import load_image, scan
 from conngeo.data.toyworld import parse_caption
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
@@ -67,11 +67,7 @@ def main(
     tokenizer = build_tokenizer(read_vocab(train_root / "vocab.txt"))
     start = time.perf_counter()
     with Live(dir=f"dvclive/pretrain/{kind}", dvcyaml=False, save_dvc_exp=False) as live:
-        def log(step, values):
-            live.step = step
-            for key, value in values.items():
-                live.log_metric(f"train/{key}", value)
-            live.next_step()
+        log = dvclive_logger(live, prefix="train/")
         model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["image_size"],
                                          steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                                          seed=zoo["seed"], log=log)

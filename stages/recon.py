@@ -9,7 +9,7 @@ import torch
 import typer
 from dvclive import Live
 
-from common import load_params
+from common import dvclive_logger, load_params
 from conngeo.data.vectors import is_complete
 from conngeo.recon import (Normalizer, ReconConfig, TrainSettings, choose_model_type, evaluate, load_pairs,
                            load_reconstructor, split_by_stem, train_reconstructor, write_split)
@@ -77,12 +77,8 @@ def main(
         norm = Normalizer.fit(train)  # training images only
         norm.save(out / "norm.safetensors", metadata={"fitted_on": "train", "images": len(train.stems)})
         with Live(dir=str(live or Path("dvclive/recon") / model), dvcyaml=False, save_dvc_exp=False) as dvclive:
-            def log(epoch, values):
-                dvclive.step = epoch
-                for key, value in values.items():
-                    if key != "epoch":
-                        dvclive.log_metric(key, value)
-                dvclive.next_step()
+            logger = dvclive_logger(dvclive)
+            log = lambda epoch, values: logger(epoch, {k: v for k, v in values.items() if k != "epoch"})  # noqa: E731
             training = train_reconstructor(config, train, val, norm, settings, out, log=log, resume=resume)
         (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
         recon, _ = load_reconstructor(out, device)  # score what was saved, not what is in memory

@@ -9,7 +9,7 @@ import typer
 import torch
 from dvclive import Live
 
-from common import load_params
+from common import dvclive_logger, load_params
 from conngeo.data.images import load_image, scan
 from conngeo.models import adapter_class
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
@@ -48,11 +48,7 @@ def main(
 
     start = time.perf_counter()
     with Live(dir=f"dvclive/zoo/{model}", dvcyaml=False, save_dvc_exp=False) as live:
-        def log(step, values):
-            live.step = step
-            for key, value in values.items():
-                live.log_metric(f"train/{key}", value)
-            live.next_step()
+        log = dvclive_logger(live, prefix="train/")
         train_captioner(adapter, images[:n_train], captions[:n_train], steps=recipe["steps"],
                         batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"], log=log)
     seconds = time.perf_counter() - start
