@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests' models are tiny: on a busy 2-core machine two OpenMP threads spin far longer than they
+# compute (measured ~20x slower per step), and one thread is as fast when the machine is idle.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {

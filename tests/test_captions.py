@@ -15,15 +15,6 @@ from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 MAX_NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a busy 2-core machine spin far longer than these tiny models compute
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy():
     images, _ = toy_images(5)
@@ -31,7 +22,6 @@ def toy():
 
 
 def tiny(family):
-    torch.set_num_threads(1)
     cls = adapter_class(family)
     return cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, seed=0)
 

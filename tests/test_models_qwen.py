@@ -19,15 +19,6 @@ FAMILIES = ["qwen2.5vl", "qwen3.5"]
 GRID, PRE_TOKENS, POST_TOKENS = (1, 6, 6), 36, 9  # 48 px, patch 8, 2x2 merge
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -26,14 +26,6 @@ from conngeo.recon.train import STATE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are tiny anyway
-    yield
-    torch.set_num_threads(before)
-
-
 def stems(n):
     return [f"img{i:04d}" for i in range(n)]
 

