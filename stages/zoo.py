@@ -1,5 +1,14 @@
 """Stage zoo: train one tiny checkpoint of a real VLM class on the toy-food world, save it in
-Hugging Face format under data/models/<name>, and check its captions on held-out images."""
+Hugging Face format under data/models/<name>, and check its captions on held-out images.
+
+Families that freeze a pretrained encoder (LLaVA, Idefics2) name the pretrain product they take it
+from (`Adapter.frozen_encoder`: clip, siglip) and load it themselves (`load_frozen_encoder`).
+
+Threads (params zoo.threads): these models are small enough that OpenMP's second thread buys
+little and costs a lot on a shared machine. Measured train steps (batch 32, ms): llava 62 with 1
+thread vs 42 with 2 on an idle 2-core machine, but 62 vs 83 with one other busy process, and a
+2-thread run stalled to ~750 ms per step beside other engineers' jobs; 1 thread is the default.
+"""
 
 import json
 import time
@@ -50,7 +59,8 @@ def main(
     with Live(dir=f"dvclive/zoo/{model}", dvcyaml=False, save_dvc_exp=False) as live:
         log = dvclive_logger(live, prefix="train/")
         train_captioner(adapter, images[:n_train], captions[:n_train], steps=recipe["steps"],
-                        batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"], log=log)
+                        batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"],
+                        augment=recipe.get("augment", False), log=log)
     seconds = time.perf_counter() - start
 
     adapter.save(out)
@@ -58,6 +68,7 @@ def main(
     accuracy, generated = caption_accuracy(reloaded, images[n_train:], captions[n_train:])
     report = {"family": recipe["family"], "parameters": n_params, "frozen_encoder": cls.frozen_encoder,
               "steps": recipe["steps"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
+              "augment": recipe.get("augment", False),
               "threads": zoo["threads"], "train_seconds": round(seconds, 1), "train_images": n_train,
               "heldout_images": zoo["heldout"], "accuracy": accuracy,
               "examples": [{"reference": r, "generated": g} for r, g in zip(captions[n_train:n_train + 5], generated)]}

@@ -2,13 +2,17 @@
 keep their pretrained encoder byte for byte (and see images exactly as that encoder was trained
 on them), the Qwen families train theirs; the tiny SigLIP trains with its sigmoid loss."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 from transformers import SiglipModel, SiglipProcessor, SiglipVisionModel
 
 from conngeo.models import adapter_class, pretrain
-from conngeo.models.pretrain_siglip import siglip_text_inputs, tiny_siglip, train_tiny_siglip
-from conngeo.models.zoo import train_captioner
+from conngeo.models.pretrain_siglip import (siglip_retrieval_accuracy, siglip_text_inputs, tiny_siglip,
+                                            train_tiny_siglip)
+from conngeo.models.zoo import dihedral, train_captioner
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = ["llava", "idefics2", "qwen2.5vl", "qwen3.5"]
@@ -48,7 +52,7 @@ def test_training_lowers_the_loss_and_follows_the_recipe(family, toy, tmp_path):
               if id(p) not in connector}
     rest = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
 
-    losses = train_captioner(adapter, images, captions, steps=12, batch_size=4, lr=3e-3, warmup=1)
+    losses = train_captioner(adapter, images, captions, steps=12, batch_size=4, lr=3e-3, warmup=1, augment=True)
 
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     after = dict(adapter.vision_encoder().named_parameters())
@@ -62,6 +66,16 @@ def test_training_lowers_the_loss_and_follows_the_recipe(family, toy, tmp_path):
     for part, module in (("connector", adapter.connector()), ("language model", adapter.model.lm_head)):
         names = {n for n, p in final.items() if any(p is q for q in module.parameters())}
         assert names and all(not torch.equal(rest[n], final[n]) for n in names), f"{family}: {part} not trained"
+
+
+def test_augmentation_shows_each_image_under_the_eight_flips_and_rotations(toy):
+    image = toy[0][0]
+    pixels = np.asarray(image)
+    seen = {np.asarray(dihedral(image, torch.tensor(draw))).tobytes()
+            for draw in itertools.product((0, 1), repeat=3)}
+    want = {np.ascontiguousarray(np.rot90(p, k)).tobytes()
+            for p in (pixels, pixels[:, ::-1]) for k in range(4)}
+    assert seen == want and len(want) == 8
 
 
 @pytest.mark.parametrize("family", FROZEN)
@@ -112,3 +126,22 @@ def test_siglip_text_ends_with_eos_at_the_pooled_position():
         assert (row[:-n] == tok.pad_token_id).all() and tok.decode(row[-n:-1]) in captions
     with pytest.raises(ValueError, match="max_text_length"):
         siglip_text_inputs(processor, [" ".join(["apple"] * 16)])
+
+
+def test_siglip_retrieval_follows_the_models_own_logits():
+    images, captions = toy_images(6)
+    captions[5] = captions[4]  # a duplicate caption: either of the two counts as right
+    model, processor = tiny_siglip(toy_tokenizer(), image_size=IMAGE_SIZE, seed=2, **SMALL)
+    model.eval()
+    got = siglip_retrieval_accuracy(model, processor, images, captions, batch_size=3)
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    text = siglip_text_inputs(processor, captions)
+    hits = 0
+    with torch.no_grad():
+        for b in (slice(0, 3), slice(3, 6)):
+            logits = model(input_ids=text["input_ids"][b], attention_mask=text["attention_mask"][b],
+                           pixel_values=pixels[b]).logits_per_image
+            best = logits.argmax(1).tolist()
+            hits += sum(captions[b][j] == captions[b][i] for i, j in enumerate(best))
+    assert got["top1"] == hits / 6 and got["n"] == 6
+    assert got["chance"] == pytest.approx((3 * 1 / 3 + 1 / 3 + 2 * 2 / 3) / 6)

@@ -196,8 +196,12 @@ class Idefics2Adapter(Adapter):
     @classmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder=None, seed: int = 0, patch_size: int = 8,
              text_width: int = 128, text_depth: int = 2, latents: int = 16,
-             resampler_depth: int = 2) -> "Idefics2Adapter":
+             resampler_depth: int = 2, text_init: float = 0.1) -> "Idefics2Adapter":
         """A random-init tiny Idefics2 (about 1.5M parameters at image_size 48).
+
+        `text_init` is the initializer_range of the connector and language model: 0.1 rather than
+        transformers' 0.02, which at width 128 left the zoo's captioner learning slower (held-out
+        food kinds 44% vs 49% after the same 1500 steps).
 
         `vision_encoder`: a transformers SiglipVisionModel (or Idefics2VisionTransformer), the zoo's
         frozen pretrained encoder, whose config and weights become the vision tower exactly; its
@@ -224,12 +228,12 @@ class Idefics2Adapter(Adapter):
             vision_config=vision_config,
             perceiver_config=dict(hidden_size=text_width, resampler_n_latents=latents,
                                   resampler_depth=resampler_depth, resampler_n_heads=heads, resampler_head_dim=32,
-                                  num_key_value_heads=max(1, heads // 2)),
+                                  num_key_value_heads=max(1, heads // 2), initializer_range=text_init),
             text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width,
                              intermediate_size=2 * text_width, num_hidden_layers=text_depth, num_attention_heads=heads,
                              num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id),
+                             pad_token_id=tokenizer.pad_token_id, initializer_range=text_init),
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE))
         torch.manual_seed(seed)
         model = Idefics2ForConditionalGeneration(config)

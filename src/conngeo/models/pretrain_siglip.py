@@ -1,7 +1,7 @@
 """A tiny pretrained SigLIP for the default study: the frozen vision encoder of the tiny Idefics2.
 
 Idefics2's vision tower is SigLIP's architecture (no CLS token, no pre-layernorm), so its frozen
-encoder is a real transformers SiglipModel trained on the toy world, at about 1M parameters;
+encoder is a real transformers SiglipModel trained on the toy world, at about 1.2M parameters;
 SiglipVisionModel.from_pretrained(folder) loads its vision tower, which Idefics2Adapter.tiny copies
 in exactly.
 
@@ -22,6 +22,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tokenizers import processors
 from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
@@ -49,8 +50,8 @@ def siglip_text_tokenizer(tokenizer, max_length: int):
 
 
 def tiny_siglip(tokenizer, image_size: int = 48, patch_size: int = 8, hidden_size: int = 128,
-                num_layers: int = 4, max_text_length: int = 24, seed: int = 0) -> tuple[SiglipModel, SiglipProcessor]:
-    """A random-init tiny SiglipModel (about 1.1M parameters at the defaults) and its processor,
+                num_layers: int = 4, max_text_length: int = 16, seed: int = 0) -> tuple[SiglipModel, SiglipProcessor]:
+    """A random-init tiny SiglipModel (about 1.2M parameters at the defaults) and its processor,
     whose text side is `siglip_text_tokenizer(tokenizer, max_text_length)`."""
     text_tokenizer = siglip_text_tokenizer(tokenizer, max_text_length)
     tower = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
@@ -111,5 +112,26 @@ def train_tiny_siglip(images: list[Image.Image], captions: list[str], tokenizer,
     return model.eval(), processor
 
 
+@torch.no_grad()
+def siglip_retrieval_accuracy(model: SiglipModel, processor: SiglipProcessor, images: list[Image.Image],
+                              captions: list[str], batch_size: int = 64) -> dict:
+    """Image -> caption top-1 within consecutive batches of `batch_size` held-out pairs, scored as
+    conngeo.models.pretrain.retrieval_accuracy scores the tiny CLIP (a caption equal to the
+    image's own counts as right; `chance` is a random pick's expected top-1 under that rule)."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    image_vectors = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    text_vectors = F.normalize(model.get_text_features(**siglip_text_inputs(processor, captions)).pooler_output, dim=-1)
+    hits, chance, n = 0.0, 0.0, 0
+    for start in range(0, len(images), batch_size):
+        block = slice(start, start + batch_size)
+        texts = captions[block]
+        best = (image_vectors[block] @ text_vectors[block].T).argmax(dim=1)
+        for i, j in enumerate(best.tolist()):
+            hits += texts[j] == texts[i]
+            chance += sum(t == texts[i] for t in texts) / len(texts)
+            n += 1
+    return {"top1": hits / n, "chance": chance / n, "n": n, "batch_size": batch_size}
+
+
 __all__ = ["siglip_image_processor", "siglip_text_tokenizer", "tiny_siglip", "siglip_text_inputs",
-           "train_tiny_siglip"]
+           "train_tiny_siglip", "siglip_retrieval_accuracy"]

@@ -235,22 +235,28 @@ class Qwen2_5_VLAdapter(Adapter):
     # -- the tiny zoo ------------------------------------------------------------------------------
     @classmethod
     def tiny_config(cls, tokenizer, image_size: int, patch_size: int = 8, vision_width: int = 96,
-                    vision_depth: int = 2, text_width: int = 128, text_depth: int = 2):
+                    vision_depth: int = 2, text_width: int = 128, text_depth: int = 2,
+                    vision_init: float = 0.1, text_init: float = 0.1):
         """Window attention in block 0 (windows of 2x2 merge units), full attention in the last block,
-        as in the real model's mix. head_dim 32 -> mrope_section sums to 16."""
+        as in the real model's mix. head_dim 32 -> mrope_section sums to 16.
+
+        `vision_init` / `text_init` are the towers' initializer_range: 0.1 rather than transformers'
+        0.02, which at these widths (96, 128) leaves every residual branch near zero; the zoo's
+        from-scratch ViT then learned about half as fast (held-out food kinds after 1500 caption
+        steps: 29% at 0.02/0.02, 34% with vision 0.1, 42% with both 0.1; 0.05 and 0.2 did worse)."""
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in cls.special_tokens}
         return Qwen2_5_VLConfig(
             vision_config=dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width,
                                num_heads=vision_width // 32, patch_size=patch_size, spatial_merge_size=2,
                                temporal_patch_size=2, window_size=4 * patch_size, out_hidden_size=text_width,
-                               fullatt_block_indexes=[vision_depth - 1]),
+                               fullatt_block_indexes=[vision_depth - 1], initializer_range=vision_init),
             text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
                              num_hidden_layers=text_depth, num_attention_heads=text_width // 32,
                              num_key_value_heads=max(1, text_width // 64), max_position_embeddings=512,
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "mrope_section": [4, 6, 6]},
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id),
+                             pad_token_id=tokenizer.pad_token_id, initializer_range=text_init),
             image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
             vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END])
 

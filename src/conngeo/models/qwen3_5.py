@@ -31,14 +31,16 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
 
     @classmethod
     def tiny_config(cls, tokenizer, image_size: int, patch_size: int = 8, vision_width: int = 96,
-                    vision_depth: int = 2, text_width: int = 128, text_depth: int = 2):
+                    vision_depth: int = 2, text_width: int = 128, text_depth: int = 2,
+                    vision_init: float = 0.1, text_init: float = 0.1):
+        """As Qwen2_5_VLAdapter.tiny_config (initializer ranges included), with Qwen3.5's towers."""
         head_dim = 32
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in cls.special_tokens}
         return Qwen3_5Config(
             vision_config=dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width,
                                num_heads=vision_width // 32, patch_size=patch_size, spatial_merge_size=2,
                                temporal_patch_size=2, out_hidden_size=text_width,
-                               num_position_embeddings=(image_size // patch_size) ** 2),
+                               num_position_embeddings=(image_size // patch_size) ** 2, initializer_range=vision_init),
             text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
                              num_hidden_layers=text_depth, num_attention_heads=text_width // head_dim,
                              num_key_value_heads=max(1, text_width // 64), head_dim=head_dim,
@@ -49,6 +51,6 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
                                               "partial_rotary_factor": 0.25, "mrope_interleaved": True,
                                               "mrope_section": [2, 1, 1]},  # sums to 32 * 0.25 / 2
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id),
+                             pad_token_id=tokenizer.pad_token_id, initializer_range=text_init),
             image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
             vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END])
