@@ -33,3 +33,16 @@ def dvclive_logger(live, prefix: str = ""):
             live.log_metric(f"{prefix}{key}", value)
         live.next_step()
     return log
+
+
+class LazyAdapter:
+    """Stands in for an adapter and loads it on first use, so a run with nothing left to compute
+    (e.g. one that only joins parallel workers' parts) never loads a model."""
+
+    def __init__(self, load):
+        self._load, self._adapter = load, None
+
+    def __getattr__(self, name):
+        if self._adapter is None:
+            self._adapter = self._load()
+        return getattr(self._adapter, name)

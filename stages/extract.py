@@ -1,12 +1,18 @@
-"""Stage extract: E_pre and E_post of every image for one model, into data/vectors/<model>/<shard>/."""
+"""Stage extract: E_pre and E_post of every image for one model, into data/vectors/<model>/<shard>/.
+
+Split over N processes (e.g. a Slurm array, scripts/slurm/): run `--worker i --workers N` for
+i = 0..N-1, each writing only its own part files, then once the plain command (as in dvc.yaml), which
+joins the parts without loading the model, and `python stages/verify.py vectors --model NAME`.
+"""
 
 import json
 import shutil
 from pathlib import Path
 
+import torch
 import typer
 
-from common import load_params, model_spec
+from common import LazyAdapter, load_params, model_spec
 from conngeo.data.images import scan
 from conngeo.extraction import extract
 from conngeo.models import load_adapter
@@ -27,8 +33,19 @@ def main(
     save_every: int = typer.Option(None, help="images per resumable part file"),
     skip_existing: bool = typer.Option(True, help="keep finished shards/parts of the same model and images"),
     metrics: Path = typer.Option(None, help="summary JSON (default: metrics/extract/<model>.json)"),
+    worker: int = typer.Option(0, help="this process's number, 0..workers-1 (with --workers)"),
+    workers: int = typer.Option(1, help="split the work over this many processes: each writes only its own "
+                                "part files; a plain run afterwards joins them"),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
 ):
     """Extract E_pre (connector input) and E_post (connector output) per image, resumably."""
+    if threads:
+        torch.set_num_threads(threads)
+    if not 0 <= worker < workers:
+        raise typer.BadParameter(f"--worker must be in 0..{workers - 1} for --workers {workers}, not {worker}")
+    if workers > 1 and not skip_existing:
+        raise typer.BadParameter("--no-skip-existing would make every worker delete the others' parts; "
+                                 "delete the output folder once before starting the workers instead")
     params = load_params()
     cfg, data = params["extract"], params["data"]
     spec = model_spec(model, params)
@@ -43,10 +60,17 @@ def main(
         typer.echo(f"extract: no caption {path} (kept; captions are not needed here)")
     for path, why in folder.skipped:
         typer.echo(f"extract: skipped unreadable image {path}: {why}")
-    adapter = load_adapter(spec["family"], spec["source"], revision=spec["revision"],
-                           device=device or cfg["device"], dtype=spec["dtype"], prompt=spec["prompt"])
+    # loaded on first use: a run that only joins the workers' parts never needs the model
+    adapter = LazyAdapter(lambda: load_adapter(spec["family"], spec["source"], revision=spec["revision"],
+                                               device=device or cfg["device"], dtype=spec["dtype"],
+                                               prompt=spec["prompt"]))
     summary = extract(adapter, folder.items, out, spec, batch_size=batch_size or cfg["batch_size"],
-                      save_every=save_every or cfg["save_every"], num_workers=cfg["num_workers"] if num_workers is None else num_workers)
+                      save_every=save_every or cfg["save_every"], worker=worker, workers=workers,
+                      num_workers=cfg["num_workers"] if num_workers is None else num_workers)
+    if workers > 1:  # the metrics belong to the joining run, which sees every shard
+        typer.echo(f"extract: {model}: worker {worker}/{workers} wrote its parts under {out} "
+                   f"({summary['shards']}) in {summary['seconds']} s")
+        return
     summary.update(model=spec, skipped=[str(p) for p, _ in folder.skipped],
                    missing_captions=len(folder.missing_captions))
     metrics = metrics or Path("metrics/extract") / f"{model}.json"

@@ -7,7 +7,7 @@ import torch
 from conngeo.data import toyworld
 from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import read_shard
-from conngeo.extraction import extract
+from conngeo.extraction import assign, extract, verify
 from conngeo.models import adapter_class
 from models_helpers import toy_tokenizer
 
@@ -84,3 +84,20 @@ def test_other_model_spec_is_not_reused(adapter, items, tmp_path):
     extract(adapter, items, tmp_path, SPEC, batch_size=4, save_every=4)
     other = {**SPEC, "revision": "abc"}
     assert set(extract(adapter, items, tmp_path, other, batch_size=4, save_every=4)["shards"].values()) == {"done"}
+
+
+def test_workers_split_without_overlap_and_join_to_identical_bytes(adapter, items, tmp_path):
+    shares = [assign(items, 3, w, 3) for w in range(3)]  # 7 images a shard in chunks of 3: 3 chunks each
+    for shard in ("shard000", "shard001"):
+        chunks = [c for share in shares for c in share[shard]]
+        assert sorted(chunks) == [0, 1, 2]  # every chunk exactly once
+    extract(adapter, items, tmp_path / "clean", SPEC, batch_size=2, save_every=3)
+    for w in range(3):
+        summary = extract(adapter, items, tmp_path / "split", SPEC, batch_size=2, save_every=3, worker=w, workers=3)
+        assert set(summary["shards"].values()) == {"parts"}
+    assert any("partial file" in p for p in verify(items, tmp_path / "split", SPEC))
+    nothing = DiesAfter(adapter, 0)  # joining computes nothing
+    assert extract(nothing, items, tmp_path / "split", SPEC, batch_size=2, save_every=3)["shards"] == \
+        {"shard000": "resumed", "shard001": "resumed"}
+    assert verify(items, tmp_path / "split", SPEC) == []
+    assert files(tmp_path / "split") == files(tmp_path / "clean")

@@ -8,6 +8,12 @@ batches as an uninterrupted one and ends with byte-identical shards.
 
 Every file carries a fingerprint of what produced it (model, revision, dtype, prompt, the shard's
 stems); a part or shard with another fingerprint is never reused.
+
+Several processes split one extraction with `worker=i, workers=N`: the chunks of all shards, in
+order, go round-robin to the workers (`assign`), and a worker writes only its own part files, never a
+shard file. A plain run afterwards finds every part finished and only joins them: the shards come
+out byte-identical to a single-process run, because every chunk holds the same batches either way.
+`verify` checks a finished output against the images it should hold.
 """
 
 from __future__ import annotations
@@ -68,19 +74,31 @@ def _read_part(path: Path, fp: str):
     return stems, list(torch.split(pre, pre_counts)), list(torch.split(post, post_counts))
 
 
+def _is_done(folder: Path, fp: str) -> bool:
+    stamp = folder / FINGERPRINT
+    return vectors.is_complete(folder) and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fp
+
+
 def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size: int = 32,
-                  save_every: int = 256, num_workers: int = 0, desc: str = "extract") -> str:
-    """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed"."""
+                  save_every: int = 256, num_workers: int = 0, desc: str = "extract",
+                  mine: set[int] | None = None) -> str:
+    """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed".
+
+    mine: only these chunk numbers (a worker's share, see `assign`): their part files are written and
+    the shard is left unjoined for a later plain run; returns "parts" then.
+    """
     folder = Path(folder)
     stamp = folder / FINGERPRINT
-    if vectors.is_complete(folder) and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fp:
+    if _is_done(folder, fp):
         return "skipped"
     folder.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)  # the old shard (if any) is being replaced; harmless if two workers race
     chunks = [items[i:i + save_every] for i in range(0, len(items), save_every)]
     resumed = False
-    bar = tqdm(total=len(items), desc=desc, unit="img")
-    for c, chunk in enumerate(chunks):
+    todo = range(len(chunks)) if mine is None else sorted(mine)
+    bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=desc, unit="img")
+    for c in todo:
+        chunk = chunks[c]
         if _read_part(_part_path(folder, c), fp) is not None:
             resumed = True
             bar.update(len(chunk))
@@ -93,12 +111,14 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
             post += q
             bar.update(len(images))
         part = _part_path(folder, c)
-        part.parent.mkdir(exist_ok=True)
+        part.parent.mkdir(exist_ok=True)  # several workers may create it at once
         meta = {"fingerprint": fp, "stems": json.dumps([it.stem for it in chunk]),
                 "pre_tokens": json.dumps([m.shape[0] for m in pre]),
                 "post_tokens": json.dumps([m.shape[0] for m in post])}
         vectors.atomic_save({"pre": torch.cat(pre), "post": torch.cat(post)}, part, metadata=meta)
     bar.close()
+    if mine is not None:
+        return "parts"
 
     stems, pre, post = [], [], []
     for c in range(len(chunks)):
@@ -114,13 +134,86 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
     return "resumed" if resumed else "done"
 
 
-def extract(adapter, items: list[Item], out: Path, model_spec: dict, **kwargs) -> dict:
-    """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics."""
+def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dict[str, set[int]]:
+    """Worker `worker`'s share of N=`workers`: shard -> its chunk numbers. Chunks of all shards are
+    numbered in (shard, chunk) order and dealt round-robin, so shares are disjoint, cover everything,
+    and differ in size by at most one chunk."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker must be in 0..{workers - 1}, not {worker}")
+    share, k = {}, 0
+    for shard in sorted({it.shard for it in items}):
+        n = sum(it.shard == shard for it in items)
+        share[shard] = set()
+        for c in range((n + save_every - 1) // save_every):
+            if k % workers == worker:
+                share[shard].add(c)
+            k += 1
+    return share
+
+
+def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int = 0, workers: int = 1,
+            **kwargs) -> dict:
+    """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics.
+
+    With workers > 1, only worker `worker`'s share of part files (see `assign`); a plain run joins them.
+    """
     start = time.perf_counter()
     status = {}
     shards = sorted({it.shard for it in items})
+    share = assign(items, kwargs.get("save_every", 256), worker, workers) if workers > 1 else None
     for shard in shards:
         shard_items = [it for it in items if it.shard == shard]
         fp = fingerprint(model_spec, shard_items)
-        status[shard] = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}", **kwargs)
+        mine = None if share is None else share[shard]
+        if mine is not None and not mine:
+            continue  # nothing of this shard is ours; do not even create its folder
+        status[shard] = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}",
+                                      mine=mine, **kwargs)
     return {"images": len(items), "shards": status, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list[str]:
+    """Problems with the finished extraction in `out` for `items` (empty: complete and consistent).
+
+    Checks: every image's stem exactly once, in its own shard's index, in order; no shard folder
+    without images; token counts in index.csv sum to the rows of pre/post.safetensors; no part or
+    temporary file left; and, given `model_spec`, each shard's fingerprint matches it.
+    """
+    out, problems = Path(out), []
+    if not out.is_dir():
+        return [f"{out}: no output folder"]
+    expected = {}
+    for it in items:
+        expected.setdefault(it.shard, []).append(it.stem)
+    for extra in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in expected):
+        problems.append(f"{out / extra}: a shard folder with no images under the root")
+    seen: dict[str, str] = {}
+    for shard, stems in sorted(expected.items()):
+        folder = out / shard
+        if not vectors.is_complete(folder):
+            problems.append(f"{folder}: incomplete (needs index.csv, pre.safetensors, post.safetensors)")
+            continue
+        rows = vectors.read_index(folder)
+        got = [r[0] for r in rows]
+        for stem in got:
+            if stem in seen:
+                problems.append(f"{folder}: stem {stem} also in {seen[stem]}")
+            seen[stem] = shard
+        if got != stems:
+            missing, extra = sorted(set(stems) - set(got)), sorted(set(got) - set(stems))
+            problems.append(f"{folder}: index.csv lists {len(got)} stems, the shard has {len(stems)} images"
+                            f" (missing {missing[:3]}, unexpected {extra[:3]}, or out of order)")
+        for name, col in (("pre", 1), ("post", 2)):
+            with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
+                rows_in_file = f.get_slice("vectors").get_shape()[0]
+            if rows_in_file != sum(r[col] for r in rows):
+                problems.append(f"{folder / name}.safetensors: {rows_in_file} rows but index.csv "
+                                f"lists {sum(r[col] for r in rows)} tokens")
+        stamp = folder / FINGERPRINT
+        if model_spec is not None and (not stamp.is_file() or json.loads(stamp.read_text())["fingerprint"]
+                                       != fingerprint(model_spec, [it for it in items if it.shard == shard])):
+            problems.append(f"{folder}: made by another model spec or image list (fingerprint differs)")
+    leftovers = [p for p in out.rglob("*") if p.name == "parts" or p.name.endswith(".tmp")]
+    problems += [f"{p}: partial file left behind (an unfinished run; rerun the plain stage to join parts)"
+                 for p in sorted(leftovers)]
+    return problems

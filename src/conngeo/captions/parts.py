@@ -1,0 +1,93 @@
+"""Splitting caption generation over N processes without overlap, and joining their parts.
+
+The unit of work is one generate batch: `batch_size` consecutive images of a vector shard, the batches
+of each shard starting at its first image, exactly as a single process batches them. Units of all
+shards, in order, are dealt round-robin to the workers (`my_units`). Worker i writes its rows to its
+own file `parts/<i>of<N>.csv` (through a temporary name), so no file is written by two processes. A
+plain run then reuses every unit whose rows all lie in parts with its fingerprint, computes the rest,
+writes the one table and removes the parts: the same bytes as a single-process run, since every
+caption came from the same batch.
+
+A part's fingerprint covers what its captions depend on: the model spec, the generation settings,
+and the size and modification time of every vector file read. Comparing times is conservative: a
+re-extracted or re-checked-out shard invalidates the parts even when its bytes did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from .table import read_table, write_table
+
+PARTS = "parts"
+
+
+def units(shard_sizes: list[int], batch_size: int) -> list[tuple[int, int, int]]:
+    """(shard number, start, stop) of every generate batch, shard by shard."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    return [(s, a, min(a + batch_size, n)) for s, n in enumerate(shard_sizes) for a in range(0, n, batch_size)]
+
+
+def my_units(all_units: list, worker: int, workers: int) -> list:
+    """Worker `worker`'s share of `all_units` (round-robin): disjoint across workers, covering all."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker must be in 0..{workers - 1}, not {worker}")
+    return all_units[worker::workers]
+
+
+def fingerprint(settings: dict, files: list[Path]) -> str:
+    """A hash of `settings` (JSON-able) and the size and mtime of each of `files`."""
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
+    blob = json.dumps({"settings": settings, "files": stats}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def part_path(out: Path, worker: int, workers: int) -> Path:
+    return Path(out) / PARTS / f"{worker}of{workers}.csv"
+
+
+def write_part(out: Path, worker: int, workers: int, fp: str, columns: dict[str, list]) -> Path:
+    """Worker `worker`'s rows (`columns` as for write_table), stamped with `fp` on every row."""
+    n = len(next(iter(columns.values()), []))
+    path = part_path(out, worker, workers)
+    write_table(path, {**columns, "fingerprint": [fp] * n})
+    return path
+
+
+def read_parts(out: Path, fp: str) -> tuple[dict[str, dict[str, str]], list[Path]]:
+    """Rows of every part under `out/parts` stamped `fp`, by stem, and the parts that were ignored
+    (another fingerprint: made from other inputs or settings)."""
+    rows, ignored = {}, []
+    folder = Path(out) / PARTS
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        table = read_table(path, required=("stem", "fingerprint"))
+        if set(table["fingerprint"]) - {fp}:
+            ignored.append(path)
+            continue
+        for i, stem in enumerate(table["stem"]):
+            rows[stem] = {name: values[i] for name, values in table.items() if name != "fingerprint"}
+    return rows, ignored
+
+
+def verify_table(path: Path, stems: list[str]) -> list[str]:
+    """Problems with a finished caption table at `path` that should hold `stems` in this order
+    (empty: complete): every stem exactly once, in order, and no part or temporary file left."""
+    path, problems = Path(path), []
+    if not path.is_file():
+        return [f"{path}: not found"]
+    got = read_table(path, required=("stem",))["stem"]
+    dupes = sorted(s for s, n in Counter(got).items() if n > 1)
+    if dupes:
+        problems.append(f"{path}: stems listed more than once, e.g. {dupes[:3]}")
+    if got != stems:
+        missing, extra = sorted(set(stems) - set(got)), sorted(set(got) - set(stems))
+        problems.append(f"{path}: {len(got)} rows for {len(stems)} images (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}, or out of order)")
+    leftovers = [p for p in path.parent.rglob("*") if p.name == PARTS or p.name.endswith(".tmp")]
+    problems += [f"{p}: partial file left behind (an unfinished run; rerun the plain stage to join parts)"
+                 for p in sorted(leftovers)]
+    return problems

@@ -1,0 +1,64 @@
+"""Check that a finished (e.g. sharded, cluster-run) output is complete before recording it with DVC.
+
+    python stages/verify.py vectors --model llava     data/vectors/llava against the image root
+    python stages/verify.py captions --model llava    data/captions/llava/captions.csv against the vectors
+
+Exits 1 listing every problem (a missing or doubled stem, an index that disagrees with its tensors,
+a fingerprint of another model spec, a part or temporary file left behind); exits 0 when complete.
+"""
+
+from pathlib import Path
+
+import typer
+
+from common import load_params, model_spec
+from conngeo.captions.inputs import shard_folders
+from conngeo.captions.parts import verify_table
+from conngeo.data.images import scan
+from conngeo.data.vectors import read_index
+from conngeo.extraction import verify as verify_extraction
+
+app = typer.Typer(add_completion=False)
+
+
+def report(what: str, problems: list[str], ok: str) -> None:
+    for problem in problems:
+        typer.echo(f"verify {what}: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"verify {what}: ok, {ok}")
+
+
+@app.command()
+def vectors(
+    model: str = typer.Option(..., help="a name from params.yaml `models`"),
+    root: Path = typer.Option(None, help="image root (default: params data.root)"),
+    out: Path = typer.Option(None, help="the extraction's output (default: data/vectors/<model>)"),
+    dtype: str = typer.Option(None, help="the --dtype the extraction ran with, if any"),
+):
+    """Every image of the root exactly once in data/vectors/<model>, consistent, no partial files."""
+    params = load_params()
+    spec = model_spec(model, params)
+    if dtype:
+        spec["dtype"] = dtype
+    out = out or Path("data/vectors") / model
+    folder = scan(root or Path(params["data"]["root"]), on_bad_image=params["data"]["on_bad_image"])
+    report(f"vectors {model}", verify_extraction(folder.items, out, spec),
+           f"{len(folder.items)} images in {len(folder.shards)} shards under {out}")
+
+
+@app.command()
+def captions(
+    model: str = typer.Option(..., help="a name from params.yaml `models`"),
+    vectors: Path = typer.Option(None, help="extracted vector shards (default data/vectors/<model>)"),
+    out: Path = typer.Option(None, help="the captions' output folder (default data/captions/<model>)"),
+):
+    """Every stem of the vectors exactly once, in order, in captions.csv; no partial files."""
+    vectors = vectors or Path("data/vectors") / model
+    out = out or Path("data/captions") / model
+    stems = [r[0] for f in shard_folders(vectors, f"dvc repro extract@{model}") for r in read_index(f)]
+    report(f"captions {model}", verify_table(out / "captions.csv", stems), f"{len(stems)} images in {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,275 @@
+"""Sharded extraction and captions, and the Slurm wrappers on a real one-node Slurm.
+
+A throwaway project (the stage scripts, scripts/slurm, a params.yaml naming two tiny random models
+saved with save_pretrained, a toy world of 2 shards x 5 images) is run three ways: one process; N
+workers then the plain join run; and scripts/slurm/submit.sh on Debian's slurm-wlm (munged, slurmctld
+and slurmd started here on 127.0.0.1). The outputs must be byte-identical, and verify must pass only
+on the finished ones. The Slurm test skips, with the reason, where the daemons cannot start; CI
+(.ci/run) installs them.
+"""
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ENV, ROOT, tree_digest
+from conngeo.data import toyworld
+from conngeo.models import adapter_class
+from models_helpers import toy_tokenizer
+
+MODELS = {"llava": "llava", "qwen": "qwen2.5vl"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for folder in ("stages", "scripts"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    toyworld.generate(root / "images", split="study", seed=0, shards=2, images_per_shard=5, size=48)
+    models = {}
+    for name, family in MODELS.items():
+        cls = adapter_class(family)
+        cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / name)
+        models[name] = {"family": family, "use": "tiny", "tiny": {"source": str(root / "models" / name)}}
+    # 5 images a shard in parts of 3: chunks (shard000: 0, 1), (shard001: 0, 1), dealt across workers
+    params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models,
+              "extract": {"device": "cpu", "batch_size": 2, "num_workers": 0, "save_every": 3},
+              "captions": {"max_new_tokens": 4, "batch_size": 2, "device": "cpu"},
+              "references": {"spaces": {}}, "perturb": {"modes": [], "levels": []}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+class Stages:
+    """The project's stage scripts, invoked in this process (no interpreter start per call)."""
+
+    def __init__(self, project):
+        self.project = project
+        sys.path.insert(0, str(project / "stages"))
+        self.modules = {}
+
+    def module(self, name):
+        if name not in self.modules:
+            spec = importlib.util.spec_from_file_location(f"stage_{name}", self.project / "stages" / f"{name}.py")
+            self.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(self.modules[name])
+        return self.modules[name]
+
+    def __call__(self, name, *args, code=0):
+        cwd = os.getcwd()
+        os.chdir(self.project)
+        try:
+            result = CliRunner().invoke(self.module(name).app, [str(a) for a in args])
+        finally:
+            os.chdir(cwd)
+        assert result.exit_code == code, f"{name} {args}: exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+        return result.output
+
+
+@pytest.fixture(scope="module")
+def stages(project):
+    stages = Stages(project)
+    yield stages
+    sys.path.remove(str(project / "stages"))
+
+
+@pytest.fixture(scope="module")
+def single(project, stages):
+    """Single-process extraction of both models, and llava's captions, under single/."""
+    for name in MODELS:
+        stages("extract", "--model", name, "--out", f"single/{name}", "--metrics", "single/metrics.json")
+    stages("captions", "--model", "llava", "--vectors", "single/llava", "--no-recon", "--out", "single/captions",
+           "--metrics", "single/metrics.json")
+    return project / "single"
+
+
+def test_workers_then_join_equal_one_process(project, stages, single, monkeypatch):
+    out = "sharded/llava"
+    for i in range(3):
+        stages("extract", "--model", "llava", "--out", out, "--worker", i, "--workers", 3, "--metrics", "x.json")
+    assert not (project / "x.json").exists()  # the metrics are the joining run's
+    parts = sorted(p.relative_to(project / out).as_posix() for p in (project / out).rglob("part*.safetensors"))
+    assert parts == [f"{s}/parts/part0000{c}.safetensors" for s in ("shard000", "shard001") for c in (0, 1)]
+    assert "partial file left behind" in stages("verify", "vectors", "--model", "llava", "--out", out, code=1)
+
+    # the join needs no model: every part is there
+    monkeypatch.setattr(stages.module("extract"), "load_adapter", lambda *a, **k: pytest.fail("loaded the model"))
+    stages("extract", "--model", "llava", "--out", out, "--metrics", "sharded/metrics.json")
+    assert "ok, 10 images in 2 shards" in stages("verify", "vectors", "--model", "llava", "--out", out)
+    assert tree_digest(project / out) == tree_digest(single / "llava")
+
+    # captions: 2 workers, then the join, equal the single run's table
+    cap = "sharded/captions"
+    for i in range(2):
+        stages("captions", "--model", "llava", "--vectors", out, "--no-recon", "--out", cap, "--worker", i,
+               "--workers", 2, "--metrics", "x.json")
+    assert sorted(p.name for p in (project / cap / "parts").iterdir()) == ["0of2.csv", "1of2.csv"]
+    monkeypatch.setattr(stages.module("captions"), "load_adapter", lambda *a, **k: pytest.fail("loaded the model"))
+    stages("captions", "--model", "llava", "--vectors", out, "--no-recon", "--out", cap, "--metrics", "x.json")
+    assert tree_digest(project / cap) == tree_digest(single / "captions")
+    assert "ok, 10 images" in stages("verify", "captions", "--model", "llava", "--vectors", out, "--out", cap)
+
+
+def test_verify_finds_missing_and_doubled_stems(project, stages, single, tmp_path):
+    out = tmp_path / "vectors"
+    shutil.copytree(single / "llava", out)
+    index = out / "shard001" / "index.csv"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines[:-1] + [lines[1]]) + "\n")  # the last stem dropped, the first twice
+    said = stages("verify", "vectors", "--model", "llava", "--out", out, code=1)
+    assert "stem study_001_00000 also in shard001" in said and "missing ['study_001_00004']" in said
+    index.write_text("\n".join(lines[:-1]) + "\n")  # one image fewer than the tensors hold
+    assert "rows but index.csv lists" in stages("verify", "vectors", "--model", "llava", "--out", out, code=1)
+    said = stages("verify", "vectors", "--model", "qwen", "--out", single / "llava", code=1)
+    assert "fingerprint differs" in said
+
+
+# -- a real Slurm ------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SLURM_CONF = """\
+ClusterName=test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={run}/munge/munge.socket.2
+StateSaveLocation={run}/state
+SlurmdSpoolDir={run}/spool
+SlurmctldPidFile={run}/run/slurmctld.pid
+SlurmdPidFile={run}/run/slurmd.pid
+SlurmctldLogFile={run}/log/slurmctld.log
+SlurmdLogFile={run}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={run}/log/jobcomp.txt
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+MailProg=/bin/true
+SwitchType=switch/none
+MinJobAge=300
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Environment for Slurm clients of a one-node cluster (munged, slurmctld, slurmd) started here."""
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
+               if not shutil.which(b, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if missing:
+        pytest.skip(f"Slurm not installed (no {', '.join(missing)}): apt-get install slurm-wlm slurmctld slurmd "
+                    "slurm-client munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the one-node Slurm of this test runs its daemons as root; not root here")
+    run = tmp_path_factory.mktemp("slurm")
+    for sub in ("munge", "state", "spool", "run", "log", "key"):
+        (run / sub).mkdir()
+    (run / "key").chmod(0o700)
+    (run / "munge").chmod(0o755)
+    key = run / "key" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    conf = run / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(run=run, ctld_port=free_port(), d_port=free_port()))
+    env = {**ENV, "SLURM_CONF": str(conf), "PATH": ENV["PATH"] + ":/usr/sbin:/sbin"}
+    which = {b: shutil.which(b, path=env["PATH"]) for b in ("munged", "slurmctld", "slurmd")}
+    log = open(run / "log" / "daemons.out", "w")
+    daemons = []
+
+    def start(*cmd):
+        daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def stop():  # slurmd, then slurmctld, then munged, each by its own pid
+        for proc in reversed(daemons):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        log.close()
+
+    try:
+        start(which["munged"], "-F", "--force", f"--socket={run}/munge/munge.socket.2", f"--key-file={key}",
+              f"--pid-file={run}/run/munged.pid", f"--log-file={run}/log/munged.log", f"--seed-file={run}/run/seed")
+        time.sleep(0.3)
+        start(which["slurmctld"], "-D", "-i", "-f", str(conf))
+        start(which["slurmd"], "-D", "-N", "localhost", "-f", str(conf))
+        deadline = time.time() + 20
+        state = ""
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+            if state == "idle" or any(p.poll() is not None for p in daemons):
+                break
+            time.sleep(0.3)
+        if state != "idle":
+            logs = "".join(f"\n--- {p.name}\n" + p.read_text()[-800:] for p in sorted((run / "log").iterdir()))
+            stop()
+            pytest.skip(f"the Slurm daemons did not start (node state {state!r}); logs:{logs}")
+        yield env
+    finally:
+        stop()
+
+
+def wait_for_jobs(env, timeout=180):
+    """Wait until the queue is empty; fail at once on a dependency that can never be satisfied."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], env=env, capture_output=True, text=True).stdout
+        if not queue.strip():
+            return
+        if "DependencyNeverSatisfied" in queue:
+            raise AssertionError(f"a job failed, its dependants can never run:\n{queue}")
+        time.sleep(0.5)
+    raise AssertionError(f"jobs still queued after {timeout} s:\n{queue}")
+
+
+def test_slurm_array_over_models_and_shards_equals_one_process(project, single, slurm):
+    env = {**slurm, "MODELS": " ".join(MODELS), "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
+           # the wrappers' defaults ask for a GPU and 64G; this node has 2 CPUs, 2 GB and no GPU
+           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10"}
+    start = time.time()
+    proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "extract"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    join = proc.stdout.strip()
+    assert join.isdigit(), proc.stdout
+    wait_for_jobs(env)
+    logs = project / "logs" / "slurm"
+    jobs = subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True).stdout
+    states = [w.split("=")[1] for w in jobs.split() if w.startswith("JobState=")]
+    # 2 models x 2 workers, then a join + verify per model
+    assert states == ["COMPLETED"] * 6, jobs + "".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert len((logs / "extract.tasks").read_text().splitlines()) == 4
+    for name in MODELS:
+        assert tree_digest(project / "data" / "vectors" / name) == tree_digest(single / name)
+    joined = "".join(p.read_text() for p in logs.glob("conngeo-extract-join-*.out"))
+    assert joined.count("verify vectors") == 2 and "ok, 10 images in 2 shards" in joined
+    assert time.time() - start < 120
