@@ -35,12 +35,15 @@ def trainer(kind: str):
 
 
 def quality(kind: str, model, processor, heldout) -> dict:
-    """A held-out check that the model learned something: CLIP image->caption retrieval; for DINO a
+    """A held-out check that the model learned something: CLIP/SigLIP image->caption retrieval; for DINO a
     kNN probe of the first food kind (training images: the first half of held-out, tested on the rest)."""
     images, captions = [load_image(it.path) for it in heldout], [it.caption for it in heldout]
     if kind == "clip":
         from conngeo.models.pretrain import retrieval_accuracy
         return {"heldout_retrieval": retrieval_accuracy(model, processor, images, captions)}
+    if kind == "siglip":
+        from conngeo.models.pretrain_siglip import siglip_retrieval_accuracy
+        return {"heldout_retrieval": siglip_retrieval_accuracy(model, processor, images, captions)}
     if kind == "dino":
         from conngeo.models.pretrain import probe_reference
         from conngeo.models.references import DinoReference

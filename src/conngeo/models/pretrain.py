@@ -68,6 +68,55 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def train_image_text(model, pixels: torch.Tensor, text: dict, steps: int, batch_size: int, lr: float,
+                     seed: int = 0, log: Log = None, max_inverse_temperature: float | None = 100.0) -> None:
+    """Train an image-text model (CLIPModel, SiglipModel) in place with its own loss (return_loss):
+    AdamW, warm-up then cosine decay, gradients clipped at norm 1, seeded batches.
+
+    CLIP clamps its learned inverse temperature at 100; SigLIP does not (None).
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    scheduler = _schedule(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step, idx in _batches(len(pixels), batch_size, steps, generator):
+        out = model(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx],
+                    pixel_values=pixels[idx], return_loss=True)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if max_inverse_temperature is not None:
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(max_inverse_temperature))
+        if log:
+            values = {"loss": out.loss.item(), "inverse_temperature": model.logit_scale.exp().item(),
+                      "lr": scheduler.get_last_lr()[0]}
+            if getattr(model, "logit_bias", None) is not None:
+                values["bias"] = model.logit_bias.item()
+            log(step, values)
+
+
+def top1_retrieval(image_vectors: torch.Tensor, text_vectors: torch.Tensor, captions: list[str],
+                   batch_size: int = 64) -> dict:
+    """Image -> caption top-1 by dot product within consecutive batches of `batch_size` pairs.
+
+    A retrieved caption counts as right when its text equals the image's own (two images in a
+    batch can share a caption); `chance` is the expected top-1 of a random pick under that rule.
+    """
+    hits, chance, n = 0.0, 0.0, 0
+    for start in range(0, len(captions), batch_size):
+        block = slice(start, start + batch_size)
+        texts = captions[block]
+        best = (image_vectors[block] @ text_vectors[block].T).argmax(dim=1)
+        for i, j in enumerate(best.tolist()):
+            hits += texts[j] == texts[i]
+            chance += sum(t == texts[i] for t in texts) / len(texts)
+            n += 1
+    return {"top1": hits / n, "chance": chance / n, "n": n, "batch_size": batch_size}
+
+
 # -- CLIP ------------------------------------------------------------------------------------------
 
 def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
@@ -126,47 +175,18 @@ def train_tiny_clip(images: list[Image.Image], captions: list[str], tokenizer, i
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     text = processor.tokenizer(list(captions), padding=True, truncation=True,
                                max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    scheduler = _schedule(optimizer, steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step, idx in _batches(len(images), batch_size, steps, generator):
-        out = model(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx],
-                    pixel_values=pixels[idx], return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():  # as in CLIP: the temperature never exceeds 100
-            model.logit_scale.clamp_(0, math.log(100))
-        if log:
-            log(step, {"loss": out.loss.item(), "inverse_temperature": model.logit_scale.exp().item(),
-                       "lr": scheduler.get_last_lr()[0]})
+    train_image_text(model, pixels, text, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log)
     return model.eval(), processor
 
 
 @torch.no_grad()
 def retrieval_accuracy(model: CLIPModel, processor: CLIPProcessor, images: list[Image.Image],
                        captions: list[str], batch_size: int = 64) -> dict:
-    """Image -> caption top-1 within consecutive batches of `batch_size` held-out pairs.
-
-    A retrieved caption counts as right when its text equals the image's own (two images in a
-    batch can share a caption); `chance` is the expected top-1 of a random pick under that rule.
-    """
+    """`top1_retrieval` of the tiny CLIP on held-out (image, caption) pairs."""
     reference = CLIPReference(model, processor.image_processor, processor.tokenizer)
     image_vectors = F.normalize(reference.embed(images), dim=-1)
     text_vectors = F.normalize(reference.embed_text(captions), dim=-1)
-    hits, chance, n = 0.0, 0.0, 0
-    for start in range(0, len(images), batch_size):
-        block = slice(start, start + batch_size)
-        texts = captions[block]
-        best = (image_vectors[block] @ text_vectors[block].T).argmax(dim=1)
-        for i, j in enumerate(best.tolist()):
-            hits += texts[j] == texts[i]
-            chance += sum(t == texts[i] for t in texts) / len(texts)
-            n += 1
-    return {"top1": hits / n, "chance": chance / n, "n": n, "batch_size": batch_size}
+    return top1_retrieval(image_vectors, text_vectors, captions, batch_size)
 
 
 # -- DINO ------------------------------------------------------------------------------------------
@@ -300,6 +320,6 @@ def probe_reference(reference, train_images, train_labels, test_images, test_lab
                               test_labels, k=k)
 
 
-__all__ = ["clip_image_processor", "clip_text_tokenizer", "tiny_clip", "train_tiny_clip", "retrieval_accuracy",
+__all__ = ["train_image_text", "top1_retrieval", "clip_image_processor", "clip_text_tokenizer", "tiny_clip", "train_tiny_clip", "retrieval_accuracy",
            "dino_image_processor", "tiny_dino", "DinoHead", "augment", "train_tiny_dino", "knn_probe_accuracy",
            "probe_reference"]

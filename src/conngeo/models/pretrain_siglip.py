@@ -28,7 +28,7 @@ from tokenizers import processors
 from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
-from .pretrain import Log, _batches, _schedule
+from .pretrain import Log, top1_retrieval, train_image_text
 
 
 def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
@@ -94,43 +94,19 @@ def train_tiny_siglip(images: list[Image.Image], captions: list[str], tokenizer,
     model, processor = tiny_siglip(tokenizer, image_size=image_size, seed=seed, **config)
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     text = siglip_text_inputs(processor, captions)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    scheduler = _schedule(optimizer, steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step, idx in _batches(len(images), batch_size, steps, generator):
-        out = model(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx],
-                    pixel_values=pixels[idx], return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        if log:
-            log(step, {"loss": out.loss.item(), "inverse_temperature": model.logit_scale.exp().item(),
-                       "bias": model.logit_bias.item(), "lr": scheduler.get_last_lr()[0]})
+    train_image_text(model, pixels, text, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,
+                     max_inverse_temperature=None)
     return model.eval(), processor
 
 
 @torch.no_grad()
 def siglip_retrieval_accuracy(model: SiglipModel, processor: SiglipProcessor, images: list[Image.Image],
                               captions: list[str], batch_size: int = 64) -> dict:
-    """Image -> caption top-1 within consecutive batches of `batch_size` held-out pairs, scored as
-    conngeo.models.pretrain.retrieval_accuracy scores the tiny CLIP (a caption equal to the
-    image's own counts as right; `chance` is a random pick's expected top-1 under that rule)."""
+    """`top1_retrieval` of the tiny SigLIP on held-out (image, caption) pairs."""
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     image_vectors = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     text_vectors = F.normalize(model.get_text_features(**siglip_text_inputs(processor, captions)).pooler_output, dim=-1)
-    hits, chance, n = 0.0, 0.0, 0
-    for start in range(0, len(images), batch_size):
-        block = slice(start, start + batch_size)
-        texts = captions[block]
-        best = (image_vectors[block] @ text_vectors[block].T).argmax(dim=1)
-        for i, j in enumerate(best.tolist()):
-            hits += texts[j] == texts[i]
-            chance += sum(t == texts[i] for t in texts) / len(texts)
-            n += 1
-    return {"top1": hits / n, "chance": chance / n, "n": n, "batch_size": batch_size}
+    return top1_retrieval(image_vectors, text_vectors, captions, batch_size)
 
 
 __all__ = ["siglip_image_processor", "siglip_text_tokenizer", "tiny_siglip", "siglip_text_inputs",
