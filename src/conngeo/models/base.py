@@ -54,6 +54,15 @@ def missing_checkpoint(source: str, revision: str | None, err: Exception) -> Mis
     return MissingCheckpointError(f"checkpoint {source!r} (revision {revision}) not found: {how}. ({err})")
 
 
+def placeholder_prompt(processor, prompt: str, placeholder: str) -> str:
+    """The user prompt with one image placeholder before it: through the processor's chat template
+    when it has one (real checkpoints), else `<placeholder> <prompt>` (the tiny zoo's)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{placeholder} {prompt}" if prompt else placeholder
+
+
 class Adapter(ABC):
     family: ClassVar[str]  # registry key, e.g. "llava"
     # keys of `prepare`'s output that carry pixels; dropped when generating from a supplied E_post
@@ -79,14 +88,29 @@ class Adapter(ABC):
         return next(self.model.parameters()).dtype
 
     # -- loading ---------------------------------------------------------------------------------
+    model_class: ClassVar[type]  # the transformers *ForConditionalGeneration class
+
     @classmethod
-    @abstractmethod
     def load(cls, source: str, revision: str | None = None, device: str = "cpu",
              dtype: str = "float32", prompt: str = "") -> "Adapter":
-        """Load model + processor from a hub id (at `revision`) or a save_pretrained folder.
+        """Load model + processor from a hub id (at `revision`) or a save_pretrained folder; a
+        missing one raises MissingCheckpointError saying how to fetch it."""
+        looks_local = source.startswith((".", "/", "data/")) or Path(source).exists()
+        if looks_local and not Path(source).is_dir():
+            raise missing_checkpoint(source, revision, FileNotFoundError(f"no folder {source}"))
+        try:
+            model = cls.model_class.from_pretrained(source, dtype=resolve_dtype(dtype),
+                                                    **from_pretrained_kwargs(source, revision))
+            processor = cls.load_processor(source, revision)
+        except OSError as err:
+            raise missing_checkpoint(source, revision, err) from err
+        return cls(model.to(device), processor, prompt=prompt)
 
-        Use `from_pretrained_kwargs` and turn a missing checkpoint into `missing_checkpoint(...)`.
-        """
+    @classmethod
+    def load_processor(cls, source: str, revision: str | None):
+        """The family's processor (image processor + tokenizer) from `source`, for `load`; use
+        `from_pretrained_kwargs(source, revision)`. (An adapter with its own `load` needs none.)"""
+        raise NotImplementedError(f"{cls.__name__} defines neither load_processor nor its own load")
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)

@@ -44,7 +44,7 @@ from transformers import (CLIPVisionModel, Idefics2Config, Idefics2ForConditiona
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from .base import Adapter, from_pretrained_kwargs, missing_checkpoint, resolve_dtype
+from .base import Adapter, from_pretrained_kwargs, placeholder_prompt
 
 FAKE_IMAGE, IMAGE, END_OF_UTTERANCE = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 # copied from the encoder into the Idefics2 vision config; everything else keeps Idefics2's defaults
@@ -101,22 +101,14 @@ class Idefics2Adapter(Adapter):
     special_tokens = (FAKE_IMAGE, IMAGE, END_OF_UTTERANCE)
     pixel_keys = ("pixel_values", "pixel_attention_mask")
 
-    # -- loading ---------------------------------------------------------------------------------
+    model_class = Idefics2ForConditionalGeneration
+
     @classmethod
-    def load(cls, source: str, revision: str | None = None, device: str = "cpu",
-             dtype: str = "float32", prompt: str = "") -> "Idefics2Adapter":
-        looks_local = source.startswith((".", "/", "data/")) or Path(source).exists()
-        if looks_local and not Path(source).is_dir():
-            raise missing_checkpoint(source, revision, FileNotFoundError(f"no folder {source}"))
-        kwargs = from_pretrained_kwargs(source, revision)
-        try:
-            model = Idefics2ForConditionalGeneration.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
-            processor = Idefics2Processor.from_pretrained(source, **kwargs)
-        except OSError as err:
-            raise missing_checkpoint(source, revision, err) from err
+    def load_processor(cls, source: str, revision: str | None) -> Idefics2Processor:
+        processor = Idefics2Processor.from_pretrained(source, **from_pretrained_kwargs(source, revision))
         processor.image_processor.do_image_splitting = False  # one block of latents per image
         register_image_tokens(processor.tokenizer)
-        return cls(model.to(device), processor, prompt=prompt)
+        return processor
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
@@ -127,10 +119,7 @@ class Idefics2Adapter(Adapter):
 
     def prompt_text(self) -> str:
         """The prompt with one <image> placeholder (see the module docstring)."""
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{IMAGE} {self.prompt}" if self.prompt else IMAGE
+        return placeholder_prompt(self.processor, self.prompt, IMAGE)
 
     def prepare(self, images: list[Image.Image], captions: list[str] | None = None) -> dict:
         """input_ids and attention_mask (prompt, then caption + eos when given; left-padded),

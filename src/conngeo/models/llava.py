@@ -28,7 +28,7 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMod
                           LlavaForConditionalGeneration, LlavaProcessor)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .base import Adapter, from_pretrained_kwargs, missing_checkpoint, resolve_dtype
+from .base import Adapter, from_pretrained_kwargs, placeholder_prompt
 
 IMAGE = "<image>"
 
@@ -58,20 +58,11 @@ class LlavaAdapter(Adapter):
     special_tokens = (IMAGE,)
     pixel_keys = ("pixel_values",)
 
-    # -- loading ---------------------------------------------------------------------------------
+    model_class = LlavaForConditionalGeneration
+
     @classmethod
-    def load(cls, source: str, revision: str | None = None, device: str = "cpu",
-             dtype: str = "float32", prompt: str = "") -> "LlavaAdapter":
-        looks_local = source.startswith((".", "/", "data/")) or Path(source).exists()
-        if looks_local and not Path(source).is_dir():
-            raise missing_checkpoint(source, revision, FileNotFoundError(f"no folder {source}"))
-        kwargs = from_pretrained_kwargs(source, revision)
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs)
-            processor = LlavaProcessor.from_pretrained(source, **kwargs)
-        except OSError as err:
-            raise missing_checkpoint(source, revision, err) from err
-        return cls(model.to(device), processor, prompt=prompt)
+    def load_processor(cls, source: str, revision: str | None) -> LlavaProcessor:
+        return LlavaProcessor.from_pretrained(source, **from_pretrained_kwargs(source, revision))
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
@@ -82,10 +73,7 @@ class LlavaAdapter(Adapter):
 
     def prompt_text(self) -> str:
         """The prompt with one <image> placeholder (see the module docstring)."""
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{IMAGE} {self.prompt}" if self.prompt else IMAGE
+        return placeholder_prompt(self.processor, self.prompt, IMAGE)
 
     def prepare(self, images: list[Image.Image], captions: list[str] | None = None) -> dict:
         """input_ids and attention_mask (prompt, then caption + eos when given; left-padded),

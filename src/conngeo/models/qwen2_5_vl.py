@@ -41,7 +41,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
-from .base import Adapter, from_pretrained_kwargs, missing_checkpoint, resolve_dtype
+from .base import Adapter, from_pretrained_kwargs
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 # Tokenizer classes that mean "the word-level tokenizer of conngeo.models.tokenizer": load them as
@@ -116,18 +116,8 @@ class Qwen2_5_VLAdapter(Adapter):
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str, revision: str | None = None, device: str = "cpu",
-             dtype: str = "float32", prompt: str = "") -> "Qwen2_5_VLAdapter":
-        looks_local = source.startswith((".", "/", "data/")) or Path(source).exists()
-        if looks_local and not Path(source).is_dir():
-            raise missing_checkpoint(source, revision, FileNotFoundError(f"no folder {source}"))
-        try:
-            model = cls.model_class.from_pretrained(source, dtype=resolve_dtype(dtype),
-                                                    **from_pretrained_kwargs(source, revision))
-            processor = load_qwen_processor(source, revision)
-        except OSError as err:
-            raise missing_checkpoint(source, revision, err) from err
-        return cls(model.to(device), processor, prompt=prompt)
+    def load_processor(cls, source: str, revision: str | None) -> QwenProcessor:
+        return load_qwen_processor(source, revision)
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
