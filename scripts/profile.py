@@ -2,6 +2,9 @@
 
     python scripts/profile.py profiles/smoke.yaml            # print `-S key=value` flags for `dvc exp run`
     python scripts/profile.py profiles/smoke.yaml --write    # rewrite params.yaml merged (drops comments)
+
+A key written `~name` (any value) removes `name`, as `dvc exp run -S '~section.name'` does: a profile
+can drop entries of a registry (e.g. connector variants) that it does not want to run.
 """
 
 import json
@@ -16,7 +19,9 @@ app = typer.Typer(add_completion=False)
 def flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if key.startswith("~"):
+            flat[f"~{prefix}{key[1:]}"] = None
+        elif isinstance(value, dict) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -26,6 +31,9 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
+        if key.startswith("~"):
+            out.pop(key[1:], None)
+            continue
         out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
 
@@ -39,7 +47,8 @@ def main(profile: Path, params: Path = Path("params.yaml"), write: bool = typer.
         params.write_text(yaml.safe_dump(merged, sort_keys=False))
     else:
         # JSON spelling of values is valid YAML, which is what -S parses
-        typer.echo(" ".join(f"-S '{k}={json.dumps(v)}'" for k, v in flatten(over).items()))
+        typer.echo(" ".join(f"-S '{k}'" if k.startswith("~") else f"-S '{k}={json.dumps(v)}'"
+                            for k, v in flatten(over).items()))
 
 
 if __name__ == "__main__":

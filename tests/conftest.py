@@ -35,9 +35,9 @@ def run(*cmd, cwd, check=True):
 def copy_project(dest: Path) -> Path:
     """The working tree as git would commit it (tracked + untracked-not-ignored files), in a new repo.
 
-    Pipeline artifacts (data/, metrics/, dvclive/, plots/ outputs) are left behind: the copy starts clean."""
+    Pipeline artifacts (data/, metrics/, dvclive/, plots/ and results/ outputs) are left behind: the copy starts clean."""
     listed = run("git", "ls-files", "-co", "--exclude-standard", "-z", cwd=ROOT).stdout.split("\0")
-    artifacts = ("data/", "metrics/", "dvclive/", "plots/recon/", "dvc.lock")
+    artifacts = ("data/", "metrics/", "dvclive/", "plots/recon/", "results/", "dvc.lock")
     for rel in filter(None, listed):
         if rel.startswith(artifacts) and not rel.endswith(".gitignore"):
             continue

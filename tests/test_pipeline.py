@@ -115,3 +115,14 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
     assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
     shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
     assert "seed1" in shown
+
+
+def test_report_outputs_and_offline_plots_page(smoke_project):
+    results = smoke_project / "results"
+    for rel in ("summary.csv", "summary.md", "question.csv", "question.md", "figures/question.png",
+                "figures/patch_loss.png", "series/perturbation.csv"):
+        assert (results / rel).is_file(), rel
+    run("dvc", "plots", "show", cwd=smoke_project)
+    page = (smoke_project / "dvc_plots/index.html").read_text()
+    assert "vegaEmbed" in page and "results_figures_question.png" in page
+    assert "cdn.jsdelivr" not in page  # the offline template: no script comes from the network

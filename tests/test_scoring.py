@@ -74,6 +74,9 @@ def test_clip_score_is_torchmetrics_rescaled(clip):
     model, processor, reference = clip
     images, captions = toy_images(6, size=SIZE)
     candidates = [captions[0], captions[2], "egg", "three three three", captions[4], "a green broccoli on a pink plate"]
+    # every image with every candidate: 36 pairs, so the random CLIP gives some positive cosines
+    images = [im for im in images for _ in candidates]
+    candidates = candidates * 6
     ours = clip_scores(reference, reference.embed(images), candidates)["clipscore"]
     texts = with_prefix(candidates)
     # torchmetrics clips the batch mean at 0, so one pair per call gives 100 * max(cos, 0)

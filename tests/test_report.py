@@ -1,0 +1,277 @@
+"""The report: Spearman against scipy, the bootstrap's reproducibility, the generated answer, every
+figure from fixture tables, and the stage end to end on the committed sample/."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.stats import spearmanr
+
+from conngeo.report import figures, spearman, spearman_ci, tables
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample"
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,ties", [(4, False), (12, True), (50, False), (300, True)])
+def test_spearman_equals_scipy(n, ties):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = 0.5 * x + rng.normal(size=n)
+    if ties:  # repeated values get average ranks in both
+        x = np.round(x, 0)
+        y = np.round(y, 0)
+    rho, p = spearman(x, y)
+    ref = spearmanr(x, y)
+    assert rho == pytest.approx(ref.statistic, abs=1e-12)
+    assert p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+
+
+def test_spearman_drops_nan_pairs_and_handles_degenerate_cases():
+    x = np.array([1.0, 2.0, np.nan, 4.0, 5.0, 3.0])
+    y = np.array([2.0, 1.0, 7.0, np.nan, 6.0, 4.0])
+    keep = [0, 1, 4, 5]
+    ref = spearmanr(x[keep], y[keep])
+    assert spearman(x, y) == pytest.approx((ref.statistic, ref.pvalue))
+    assert math.isnan(spearman([1, 1, 1, 1], [1, 2, 3, 4])[0])      # constant: undefined
+    assert math.isnan(spearman([1, 2], [2, 1])[0])                  # too few pairs
+    assert spearman([1, 2, 3, 4], [2, 4, 6, 8]) == (1.0, 0.0)      # perfect
+    out = spearman_ci([1, 1, 1, 1], [1, 2, 3, 4], n_boot=50)
+    assert math.isnan(out["rho"]) and math.isnan(out["low"]) and not out["distinct"]
+
+
+def test_bootstrap_is_reproducible_and_contains_the_estimate():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = 0.3 * x + rng.normal(size=200)
+    a = spearman_ci(x, y, n_boot=300, seed=7)
+    assert a == spearman_ci(x, y, n_boot=300, seed=7)
+    assert a != spearman_ci(x, y, n_boot=300, seed=8)
+    assert a["low"] <= a["rho"] <= a["high"]
+    assert a["rho"] == pytest.approx(spearmanr(x, y).statistic)
+    # the percentile interval, recomputed independently: scipy's spearmanr on each resample
+    idx = np.random.default_rng(7).integers(0, 200, size=(300, 200))
+    boot = [spearmanr(x[i], y[i]).statistic for i in idx]
+    assert (a["low"], a["high"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert a["distinct"] == (a["low"] > 0 or a["high"] < 0)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+def synthetic_tables(n=60, seed=0, models=("llava", "qwen2_5vl")):
+    """Per-image tables as tables.per_image() builds them: in the first model the instability follows
+    the reconstruction error; everything else is noise, and one measure is constant."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for j, model in enumerate(models):
+        mse = rng.gamma(2.0, 0.3, size=n)
+        out[model] = pd.DataFrame({
+            "stem": [f"s{i:03d}" for i in range(n)],
+            "split": np.where(np.arange(n) % 5 == 0, "train", "val"),
+            "knor_change": rng.uniform(0, 1, size=n),
+            "recon_mse": mse,
+            "recon_cosine_loss": rng.uniform(0, 0.2, size=n),
+            "erank_drop": rng.normal(size=n),
+            "bertscore_instability": (mse if j == 0 else 0) + 0.1 * rng.normal(size=n),
+            "clipscore_drop": rng.normal(size=n),
+            "attribute_error_change": np.zeros(n),                 # constant: undefined correlation
+            "erank_post": rng.uniform(2, 9, size=n),
+            "clipscore_post": rng.uniform(0.3, 0.9, size=n),
+        })
+    return out
+
+
+def test_question_matches_scipy_and_the_text_says_distinct_exactly_when_the_ci_excludes_zero():
+    per = synthetic_tables()
+    q = tables.question(per, n_boot=200, seed=0, split="val")
+    assert len(q) == 2 * len(tables.GEOMETRY) * len(tables.INSTABILITY)
+    for _, row in q.iterrows():
+        t = per[row["model"]]
+        t = t[t["split"] == "val"]
+        if row["instability"] == "attribute_error_change":
+            assert math.isnan(row["rho"])
+            continue
+        ref = spearmanr(t[row["geometry"]], t[row["instability"]])
+        assert row["n"] == len(t)
+        assert row["rho"] == pytest.approx(ref.statistic) and row["p"] == pytest.approx(ref.pvalue)
+        assert row["distinct"] == (row["low"] > 0 or row["high"] < 0)
+    planted = q[(q["model"] == "llava") & (q["geometry"] == "recon_mse") & (q["instability"] == "bertscore_instability")]
+    assert planted["distinct"].item() and planted["low"].item() > 0.5
+
+    text = tables.question_text(q, "val", 200, k=10)
+    for _, row in q.iterrows():
+        line = next(li for li in text.splitlines() if li.startswith(f"- {row['geometry']} vs {row['instability']}: ")
+                    and li in text.split(f"## {row['model']}")[1].split("## ")[0])
+        if math.isnan(row["rho"]):
+            assert "undefined" in line
+        else:
+            assert f"[{row['low']:+.3f}, {row['high']:+.3f}]" in line
+            assert line.endswith(": distinguishable from zero") == bool(row["distinct"])
+            assert line.endswith(": not distinguishable from zero") == (not row["distinct"])
+    for model in per:
+        count = int(q[q["model"] == model]["distinct"].sum())
+        assert f"{count} of {len(q[q['model'] == model])} correlations are distinguishable from zero (" in text
+
+
+def test_sensitivity_is_the_mean_drop_by_the_trapezoid_rule():
+    curve = pd.DataFrame({"level": [0.0, 0.1, 0.5], "clipscore": [0.8, 0.6, 0.2]})
+    # drops 0, 0.2, 0.6: area 0.1*(0+0.2)/2 + 0.4*(0.2+0.6)/2 = 0.01 + 0.16 = 0.17, per unit level / 0.5
+    assert tables.sensitivity(curve, "clipscore") == pytest.approx(0.34)
+    flat = curve.assign(clipscore=0.8)
+    assert tables.sensitivity(flat, "clipscore") == 0.0
+
+
+def test_curves_start_at_the_unperturbed_caption():
+    summary = pd.DataFrame({"set": ["post", "recon", "mask_0.5"], "clipscore": [0.8, 0.7, 0.4],
+                            "stability_f1": [np.nan, 0.9, 0.5], "truth_exact": [0.5, 0.4, 0.1]})
+    c = tables.curves({"m": summary}, ["mask"], [0.5])
+    assert c["level"].tolist() == [0.0, 0.5]
+    assert c["clipscore"].tolist() == [0.8, 0.4] and c["stability_f1"].tolist() == [1.0, 0.5]
+
+
+def test_markdown_table():
+    df = pd.DataFrame({"a": ["x", "y"], "b": [1.23456789, math.nan], "c": [True, False]})
+    assert tables.markdown(df, digits=3) == "| a | b | c |\n|---|---|---|\n| x | 1.23 | yes |\n| y |  | no |\n"
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_every_figure_renders_from_fixture_tables(tmp_path):
+    per = synthetic_tables()
+    images = pd.concat([t.assign(model=m) for m, t in per.items()], ignore_index=True)
+    q = tables.question(per, n_boot=50, seed=0)
+    means = pd.DataFrame([{"model": m, "set": s, "score": sc, "mean": 0.5, "low": 0.4, "high": 0.6, "n": 10}
+                          for m in per for s in ("post", "recon") for sc in ("clipscore", "bertscore_f1")])
+    knor = pd.DataFrame([{"model": m, "pair": p, "k": k, "knor": 0.5, "chance": k / 59}
+                         for m in per for p in ("pre_post", "pre_clip", "post_clip") for k in (5, 10)])
+    curves = pd.DataFrame([{"model": m, "mode": mode, "level": lv, "clipscore": 0.8 - lv, "stability_f1": 1 - lv}
+                           for m in per for mode in ("mask", "lowrank") for lv in (0.0, 0.1, 0.5)])
+    patch = pd.DataFrame([{"model": m, "image": im, "row": r, "col": c, "mse_z": r + c}
+                          for m in per for im in ("val_mean", "a") for r in range(3) for c in range(3)])
+    made = {
+        "caption_scores": lambda p: figures.caption_scores(means, p),
+        "score_vs_error": lambda p: figures.score_vs_error(images, p),
+        "knor": lambda p: figures.knor(knor, p),
+        "erank_clipscore": lambda p: figures.erank_clipscore(images, p),
+        "perturbation_mask": lambda p: figures.perturbation(curves, "mask", p),
+        "patch_loss": lambda p: figures.patch_loss(patch, p),
+        "patch_loss_empty": lambda p: figures.patch_loss(patch.iloc[:0], p),
+        "question": lambda p: figures.question_heatmap(q, p),
+    }
+    for name, draw in made.items():
+        draw(tmp_path / f"{name}.png")
+        assert is_png(tmp_path / f"{name}.png"), name
+    # the same tables give the same bytes
+    figures.question_heatmap(q, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "question.png").read_bytes()
+
+
+# --- the stage on the committed sample -------------------------------------------------------
+
+DECLARED = ["summary.csv", "summary.md", "question.csv", "question.md",
+            "series/caption_scores.csv", "series/per_image.csv", "series/knor.csv", "series/perturbation.csv",
+            "series/patch_loss.csv", "figures/caption_scores.png", "figures/score_vs_error.png", "figures/knor.png",
+            "figures/erank_clipscore.png", "figures/patch_loss.png", "figures/question.png"]
+
+
+def report_on_sample(out: Path) -> Path:
+    proc = subprocess.run([sys.executable, "stages/report.py", "--inputs", "sample", "--out", out, "--bootstrap", "100"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_report(tmp_path_factory) -> Path:
+    return report_on_sample(tmp_path_factory.mktemp("report") / "r")
+
+
+def test_stage_on_the_sample_writes_every_declared_output(sample_report, tmp_path):
+    out = sample_report
+    params = yaml.safe_load((SAMPLE / "params.yaml").read_text())
+    expected = DECLARED + [f"figures/perturbation_{m}.png" for m in params["perturb"]["modes"]]
+    for rel in expected:
+        assert (out / rel).is_file(), rel
+        if rel.endswith(".png"):
+            assert is_png(out / rel), rel
+    # every output and plot that dvc.yaml declares for the report is written (results/ -> out/)
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = dvc["stages"]["report"]
+    declared = [next(iter(e)) for e in stage["outs"] + stage["plots"]]
+    declared += [f for plot in dvc["plots"] if isinstance(plot, dict) for spec in plot.values() for f in spec["y"]]
+    assert "results/figures" in declared and "results/series/perturbation.csv" in declared
+    for path in declared:
+        assert path.startswith("results/") and (out / path.removeprefix("results/")).exists(), path
+    # the summary's numbers come from the inputs: one row per model, KNOR as the knn stage reported it
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["model"].tolist() == list(params["models"])
+    for _, row in summary.iterrows():
+        metrics = json.loads((SAMPLE / "metrics/knn" / f"{row['model']}.json").read_text())
+        for k in metrics["ks"]:
+            assert row[f"knor_pre_post@{k}"] == pytest.approx(metrics["pairs"]["pre_post"][f"knor@{k}"], rel=1e-5)
+    q = pd.read_csv(out / "question.csv")
+    assert len(q) == len(params["models"]) * len(tables.GEOMETRY) * len(tables.INSTABILITY)
+    # the same inputs and seed give the same correlations and the same figures
+    again = report_on_sample(tmp_path / "r2")
+    for rel in ("question.csv", "summary.csv", "figures/question.png"):
+        assert (again / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_stage_help():
+    proc = subprocess.run([sys.executable, "stages/report.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--inputs" in proc.stdout
+
+
+def test_per_image_measures_from_upstream_tables_by_hand():
+    knn = pd.DataFrame({"stem": ["a", "b"], "knor_pre_post@5": [0.8, 0.2], "erank_pre": [10.0, 6.0],
+                        "erank_post": [7.0, 6.5]})
+    recon = pd.DataFrame({"stem": ["b", "a"], "split": ["val", "train"], "mse_z": [0.3, 0.1], "cosine": [0.9, 0.6]})
+    post = pd.DataFrame({"stem": ["a", "b"], "clipscore": [0.7, 0.5], "truth_kinds": [1, np.nan],
+                         "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]})
+    rec = pd.DataFrame({"stem": ["a", "b"], "clipscore": [0.4, 0.6], "stability_f1": [0.75, 1.0],
+                        "truth_kinds": [0, np.nan], "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]})
+    m = tables.ModelInputs("m", knn, {}, recon, {}, None, {"post": post, "recon": rec}, pd.DataFrame())
+    t = tables.per_image(m, 5)
+    assert t["stem"].tolist() == ["a", "b"] and t["split"].tolist() == ["train", "val"]  # aligned by stem
+    assert t["knor_change"].tolist() == pytest.approx([0.2, 0.8])
+    assert t["recon_mse"].tolist() == [0.1, 0.3] and t["recon_cosine_loss"].tolist() == pytest.approx([0.4, 0.1])
+    assert t["erank_drop"].tolist() == [3.0, -0.5]
+    assert t["bertscore_instability"].tolist() == [0.25, 0.0]
+    assert t["clipscore_drop"].tolist() == pytest.approx([0.3, -0.1])
+    # a: post gets colours wrong (1 error), recon kinds and colours (2): +1; b: reference not toy-world
+    assert t["attribute_error_change"].iloc[0] == 1.0 and math.isnan(t["attribute_error_change"].iloc[1])
+    m.recon = recon.iloc[:1]
+    with pytest.raises(ValueError, match="not the same ones"):
+        tables.per_image(m, 5)
+
+
+def test_stage_numbers_against_the_sample_files(sample_report):
+    """The stage's question and summary, recomputed from the sample's raw files with scipy and pandas."""
+    out = sample_report
+    q = pd.read_csv(out / "question.csv").set_index(["model", "geometry", "instability"])
+    summary = pd.read_csv(out / "summary.csv").set_index("model")
+    params = yaml.safe_load((SAMPLE / "params.yaml").read_text())
+    for model in params["models"]:
+        recon = pd.read_csv(SAMPLE / "data/recon_eval" / model / "per_image.csv").set_index("stem")
+        scores = pd.read_csv(SAMPLE / "data/scores" / model / "recon.csv").set_index("stem").loc[recon.index]
+        val = recon["split"] == "val"
+        ref = spearmanr(recon["mse_z"][val], 1 - scores["stability_f1"][val])
+        row = q.loc[(model, "recon_mse", "bertscore_instability")]
+        assert row["rho"] == pytest.approx(ref.statistic, abs=1e-5) and row["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+        assert row["n"] == val.sum()
+        metrics = json.loads((SAMPLE / "metrics/recon_eval" / f"{model}.json").read_text())
+        assert summary.loc[model, "recon_mse_z"] == pytest.approx(metrics["val"]["mse_z"], rel=1e-5)
+        means = pd.read_csv(SAMPLE / "data/scores" / model / "summary.csv").set_index("set")
+        assert summary.loc[model, "post_caption_clipscore"] == pytest.approx(means.loc["post", "clipscore"], rel=1e-5)
