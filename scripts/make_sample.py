@@ -26,7 +26,8 @@ def main(project: Path, out: Path = typer.Option(Path("sample")),
     params = yaml.safe_load((project / "params.yaml").read_text())
     kept_params = {"models": {m: {"family": v["family"], "use": v.get("use", "tiny")} for m, v in params["models"].items()},
                    "perturb": {k: params["perturb"][k] for k in ("modes", "levels")},
-                   "knn": {"ks": params["knn"]["ks"]}, "report": params["report"]}
+                   "knn": {"ks": params["knn"]["ks"]}, "report": params["report"],
+                   "connectors": {"variants": (params.get("connectors") or {}).get("variants") or {}}}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -44,7 +45,8 @@ def main(project: Path, out: Path = typer.Option(Path("sample")),
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(out / rel, index=False)
         for rel in (f"data/recon_eval/{model}/patch_loss.csv", f"data/scores/{model}/summary.csv",
-                    f"metrics/knn/{model}.json", f"metrics/recon_eval/{model}.json"):
+                    f"metrics/knn/{model}.json", f"metrics/recon_eval/{model}.json",
+                    f"metrics/connectors/{model}.json"):  # the last only for connector variants
             if (project / rel).is_file():
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(project / rel, out / rel)
