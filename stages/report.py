@@ -93,9 +93,14 @@ def main(
     figures.question_heatmap(q, fig / "question.png")
     kinds = connectors.connector_kinds(params)
     if kinds:  # connector experiments: each kind on its base's encoder and language model
-        accuracy = {m: inputs / "metrics" / "connectors" / f"{m}.json" for m in kinds}
-        extra = {m: {"heldout_exact": json.loads(f.read_text())["accuracy"]["exact"]}
-                 for m, f in accuracy.items() if f.is_file()}
+        # held-out exact-caption rate from train_connector's metrics, which also score the base
+        extra = {}
+        for m in kinds:
+            f = inputs / "metrics" / "connectors" / f"{m}.json"
+            if f.is_file():
+                trained = json.loads(f.read_text())
+                extra[m] = {"heldout_exact": trained["accuracy"]["exact"]}
+                extra[trained["base"]] = {"heldout_exact": trained["base_accuracy"]["exact"]}
         table = connectors.connector_table(summary, kinds, k, modes, extra)
         rho = connectors.geometry_vs_stability(table, k, modes)
         table.to_csv(out / "connectors.csv", index=False, float_format="%.6g")
