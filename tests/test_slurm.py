@@ -219,7 +219,9 @@ def slurm(tmp_path_factory):
     try:
         start(which["munged"], "-F", "--force", f"--socket={run}/munge/munge.socket.2", f"--key-file={key}",
               f"--pid-file={run}/run/munged.pid", f"--log-file={run}/log/munged.log", f"--seed-file={run}/run/seed")
-        time.sleep(0.3)
+        socket, deadline = run / "munge" / "munge.socket.2", time.time() + 10
+        while not socket.exists() and time.time() < deadline:  # slurmctld needs munge's socket up
+            time.sleep(0.05)
         start(which["slurmctld"], "-D", "-i", "-f", str(conf))
         start(which["slurmd"], "-D", "-N", "localhost", "-f", str(conf))
         deadline = time.time() + 20
