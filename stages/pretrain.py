@@ -73,11 +73,11 @@ def main(
         log = dvclive_logger(live, prefix="train/")
         model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["image_size"],
                                          steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                                         seed=zoo["seed"], log=log)
+                                         patch_size=recipe["patch_size"], seed=zoo["seed"], log=log)
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    report = {"kind": kind, "parameters": sum(p.numel() for p in model.parameters()),
+    report = {"kind": kind, "parameters": sum(p.numel() for p in model.parameters()), "patch_size": recipe["patch_size"],
               "train_seconds": round(seconds, 1), "train_images": len(items), **quality(kind, model, processor, heldout)}
     metrics = Path("metrics/zoo") / f"{kind}.json"
     metrics.parent.mkdir(parents=True, exist_ok=True)

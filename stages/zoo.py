@@ -4,10 +4,10 @@ Hugging Face format under data/models/<name>, and check its captions on held-out
 Families that freeze a pretrained encoder (LLaVA, Idefics2) name the pretrain product they take it
 from (`Adapter.frozen_encoder`: clip, siglip) and load it themselves (`load_frozen_encoder`).
 
-Threads (params zoo.threads): these models are small enough that OpenMP's second thread buys
-little and costs a lot on a shared machine. Measured train steps (batch 32, ms): llava 62 with 1
-thread vs 42 with 2 on an idle 2-core machine, but 62 vs 83 with one other busy process, and a
-2-thread run stalled to ~750 ms per step beside other engineers' jobs; 1 thread is the default.
+Threads (params zoo.threads): measured train steps (batch 32, ms, 1 vs 2 threads, idle 2-core
+machine): llava 29 vs 20, idefics2 59 vs 40, qwen3.5 93 vs 66. A second busy process turns that
+around (llava 62 vs 83 ms in an earlier measurement, and a 2-thread run once stalled to ~750 ms per
+step beside other jobs): set 1 on a shared machine.
 """
 
 import json

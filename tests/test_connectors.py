@@ -91,6 +91,21 @@ def test_merger_concatenates_2x2_neighbours():
         torch.testing.assert_close(merger(x)[0], merger.net(units), rtol=0, atol=1e-6)
 
 
+def test_merger_pads_an_odd_grid_with_zeros():
+    """A 3x3 grid (the tiny LLaVA's) becomes 2x2 units; the last row and column are zeros."""
+    merger = build_connector("merger", 4, 8)
+    x = torch.randn(2, 9, 4)
+    grid, zero = merger.norm(x).view(2, 3, 3, 4), torch.zeros(2, 4)
+    at = lambda r, c: grid[:, r, c] if r < 3 and c < 3 else zero  # noqa: E731
+    units = torch.stack([torch.cat([at(r, c), at(r, c + 1), at(r + 1, c), at(r + 1, c + 1)], -1)
+                         for r in (0, 2) for c in (0, 2)], 1)
+    assert merger.tokens_out(9) == 4 and merger.tokens_out(36) == 9
+    with torch.no_grad():
+        torch.testing.assert_close(merger(x), merger.net(units), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not a square grid"):
+        merger(torch.randn(1, 8, 4))
+
+
 def test_resize_image_runs_keeps_padding_and_labels():
     IMG, PAD = 7, 0
     batch = {"input_ids": torch.tensor([[PAD, 1, IMG, IMG, IMG, 2, 3], [1, IMG, IMG, IMG, 2, 3, 4]]),
@@ -114,7 +129,7 @@ def test_training_changes_only_the_connector_and_lowers_the_loss(kind, toy, llav
     before = {n: p.detach().clone() for n, p in v.model.named_parameters() if id(p) not in connector}
     start = {n: p.detach().clone() for n, p in v.connector().named_parameters()}
 
-    losses = train_captioner(v, images, captions, steps=15, batch_size=4, lr=3e-3, warmup=1)
+    losses = train_captioner(v, images, captions, steps=25, batch_size=4, lr=3e-3, warmup=1)
 
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
     after = dict(v.model.named_parameters())

@@ -71,7 +71,7 @@ def test_images_have_variety_and_size(tmp_path):
         assert img.reshape(-1, 3).std(0).max() > 10  # never constant-coloured
     for row in csv.DictReader(open(root / "attributes.csv")):
         scenes.add((row["kind1"], row["kind2"]))
-        assert 0.3 < float(row["plate_radius"]) < 0.5
+        assert 0.4 < float(row["plate_half_side"]) < 0.5
     assert len(scenes) > 10  # many kinds and pairs appear
 
 

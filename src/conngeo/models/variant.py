@@ -8,8 +8,9 @@ of one of these kinds between them with the caption loss:
     mlp           Linear -> GELU -> Linear per token (LLaVA's projector)      T -> T
     resampler<n>  n learned latents cross-attending to the projected E_pre    T -> n
                   (a small perceiver, Idefics2's connector)
-    merger        2x2 neighbouring patches concatenated, then an MLP          T -> T/4
-                  (Qwen's patch merger; E_pre must be a square raster grid of even side)
+    merger        2x2 neighbouring patches concatenated, then an MLP          T -> ceil(side/2)^2
+                  (Qwen's patch merger; E_pre must be a square raster grid; an odd side is
+                  padded with a zero row and column, as Qwen's grids never need)
 
 `ConnectorVariant` is an ordinary `Adapter` (family "variant"): the new module is put in the base
 model's place (the same attribute the base adapter hooks), so the base's own `encode` hooks it and
@@ -124,7 +125,9 @@ class Resampler(Connector):
 
 class Merger(Connector):
     """Qwen2-VL's PatchMerger on a raster patch grid: norm, each 2x2 unit of neighbouring patches
-    concatenated (4 d_in), MLP to d_out. Output rows: the merged grid in raster order."""
+    concatenated (4 d_in), MLP to d_out. Output rows: the merged grid in raster order. A grid of odd
+    side (the tiny LLaVA's 3x3) gets a zero row and column after the norm, so its last units are
+    partly empty."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int | None = None):
         super().__init__()
@@ -135,18 +138,19 @@ class Merger(Connector):
     def run(self, x, attention_mask):
         b, t, d = x.shape
         side = grid_side(t)
-        units = self.norm(x).view(b, side // 2, 2, side // 2, 2, d).permute(0, 1, 3, 2, 4, 5)
-        return self.net(units.reshape(b, t // 4, 4 * d))
+        grid = nn.functional.pad(self.norm(x).view(b, side, side, d), (0, 0, 0, side % 2, 0, side % 2))
+        half = (side + 1) // 2
+        units = grid.view(b, half, 2, half, 2, d).permute(0, 1, 3, 2, 4, 5)
+        return self.net(units.reshape(b, half * half, 4 * d))
 
     def tokens_out(self, tokens_in: int) -> int:
-        grid_side(tokens_in)
-        return tokens_in // 4
+        return ((grid_side(tokens_in) + 1) // 2) ** 2
 
 
 def grid_side(tokens: int) -> int:
     side = math.isqrt(tokens)
-    if side * side != tokens or side % 2:
-        raise ValueError(f"merger: {tokens} E_pre tokens are not a square grid of even side")
+    if side * side != tokens:
+        raise ValueError(f"merger: {tokens} E_pre tokens are not a square grid")
     return side
 
 
