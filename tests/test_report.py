@@ -64,6 +64,21 @@ def test_bootstrap_is_reproducible_and_contains_the_estimate():
     assert a["distinct"] == (a["low"] > 0 or a["high"] < 0)
 
 
+def test_bootstrap_counts_constant_resamples_as_no_association():
+    """One image of 100 has a nonzero instability: about 1/e of the resamples miss it and are constant.
+    They count as rho* = 0, so the interval reaches 0 and nothing is called distinguishable."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=100)
+    y = np.zeros(100)
+    y[np.argmax(x)] = 1.0  # the one changed caption sits on the largest geometry change
+    a = spearman_ci(x, y, n_boot=400, seed=3)
+    idx = np.random.default_rng(3).integers(0, 100, size=(400, 100))
+    boot = [0.0 if np.ptp(y[i]) == 0 else spearmanr(x[i], y[i]).statistic for i in idx]
+    assert (a["low"], a["high"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert a["boot_defined"] == sum(np.ptp(y[i]) > 0 for i in idx) < 300
+    assert a["low"] == 0.0 and a["rho"] > 0 and not a["distinct"]
+
+
 # --- tables ----------------------------------------------------------------------------------
 
 def synthetic_tables(n=60, seed=0, models=("llava", "qwen2_5vl")):

@@ -59,10 +59,14 @@ def spearman_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95) ->
 
     Resample the n finite pairs with replacement n_boot times (numpy PCG64 from `seed`: the same seed
     gives the same interval), compute rho* = spearman(x*, y*) on each resample, and take
-    [low, high] = the (1-level)/2 and (1+level)/2 quantiles of the rho* that are defined (a resample
-    can be constant in x or y). `distinct` is True when the interval excludes 0.
+    [low, high] = the (1-level)/2 and (1+level)/2 quantiles of the rho*. A resample that is constant
+    in x or y shows no association and counts as rho* = 0: where a measure moves in only a handful
+    of images, many resamples miss them all, and dropping those resamples instead would leave only
+    the ones that contain the few images and give a narrow interval that excludes 0 for a rho near 0.
+    `distinct` is True when the interval excludes 0.
 
-    Returns {n, rho, p, low, high, distinct, boot_defined} (boot_defined: resamples with a rho*).
+    Returns {n, rho, p, low, high, distinct, boot_defined} (boot_defined: resamples that were not
+    constant, i.e. had a rho* of their own).
     """
     x, y = _finite_pairs(x, y)
     n = len(x)
@@ -73,10 +77,8 @@ def spearman_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95) ->
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     # ranks within each resample: a repeated image ties with its copies, as spearman() would rank it
     boot = _pearson_rows(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1))
-    boot = boot[np.isfinite(boot)]
-    if len(boot) == 0:
-        return out
-    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    defined = np.isfinite(boot)
+    low, high = np.quantile(np.where(defined, boot, 0.0), [(1 - level) / 2, (1 + level) / 2])
     out |= {"low": float(low), "high": float(high), "distinct": bool(low > 0 or high < 0),
-            "boot_defined": int(len(boot))}
+            "boot_defined": int(defined.sum())}
     return out
