@@ -4,10 +4,10 @@ Each scene is a square plate on a wooden table holding one or two kinds of food,
 
     "two red apples and a yellow banana on a blue plate"
 
-The foods sit in a 3x3 grid of cells, one food per cell. At 48 px a cell is 16 px: two 8-px patches
-a side, which is one token of every tiny model (Qwen's 2x2 merge of 8-px patches; a 2x2 block of
-the frozen CLIP's and SigLIP's 8-px patches). One food per token is what makes counting learnable for
-1-3M-parameter captioners within minutes (see `render`).
+The foods sit in a 3x3 grid of cells, one food per cell. At 48 px a cell is 16 px, which is one token
+of every tiny model (a 16-px patch of the frozen CLIP and SigLIP, Qwen's 2x2 merge of 8-px patches).
+One food per token is what makes counting learnable for 1-3M-parameter captioners within minutes
+(see `render`).
 
 Every image is drawn from its own seed, derived from (world seed, split, shard, index), so a
 single image can be regenerated alone and the study and training splits never share a seed.
@@ -174,7 +174,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
 
     # One food per cell of a 3x3 grid, near the cell's centre. The grid is the tiny models' token grid
     # (see the module docstring). Measured on held-out images: foods in seven touching-free slots of a
-    # round plate held the captioners to 40-52% correct counts; with one food per token, LLaVA reached
+    # round plate held the captioners to 18-51% correct counts; with one food per token, LLaVA reached
     # 92% and Qwen2.5-VL 99% in 2,000 steps. (One food per 8-px patch was not enough: Qwen's merged
     # tokens then hold up to four foods, and its counts stayed near 40%.)
     items = [(kind, colour) for kind, colour, count in scene.foods for _ in range(count)]
