@@ -1,5 +1,7 @@
 """Neighbourhood overlap, CKA and Procrustes against Python sets, numpy and scipy."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -161,14 +163,15 @@ def test_cka_errors():
 # --- Procrustes ------------------------------------------------------------------------------
 
 
-def numpy_procrustes(x, y):
-    """The documented recipe with numpy SVD and scipy's orthogonal_procrustes."""
+def scipy_procrustes(x, y):
+    """Independent recipe: centre, Frobenius-normalise, zero-pad the narrower matrix to the wider
+    width, solve for R with scipy's orthogonal_procrustes and measure ||X R - Y||_F^2 directly."""
     x, y = x - x.mean(0), y - y.mean(0)
-    if x.shape[1] != y.shape[1]:
-        m = min(x.shape[1], y.shape[1], len(x))
-        x, y = [(u[:, :m] * s[:m]) for u, s, _ in (np.linalg.svd(a, full_matrices=False) for a in (x, y))]
     x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+    d = max(x.shape[1], y.shape[1])
+    x, y = (np.hstack([a, np.zeros((len(a), d - a.shape[1]))]) for a in (x, y))
     r, _ = orthogonal_procrustes(x, y)
+    np.testing.assert_allclose(r @ r.T, np.eye(d), atol=1e-10)
     return np.linalg.norm(x @ r - y) ** 2
 
 
@@ -180,17 +183,87 @@ def test_procrustes_zero_for_similar_copy():
     assert procrustes_residual(x, y).item() == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("n,dx,dy", [(60, 6, 6), (60, 10, 4), (60, 3, 7), (12, 30, 20)])
+def test_procrustes_zero_for_copy_embedded_in_wider_space():
+    # y is a scaled, shifted, rotated copy of x (width 3) living in 5 dims: with zero padding
+    # there is an orthogonal R mapping x onto it exactly, whichever side is the wider one.
+    x = rand(40, 3, 20)
+    y = 0.3 * np.hstack([x, np.zeros((40, 2))]) @ ortho_group.rvs(5, random_state=21) - 7.0
+    assert procrustes_residual(x, y).item() == pytest.approx(0.0, abs=1e-10)
+    assert procrustes_residual(y, x).item() == pytest.approx(0.0, abs=1e-10)
+    assert scipy_procrustes(x, y) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("n,dx,dy", [(60, 6, 6), (60, 10, 4), (60, 3, 7), (12, 30, 20), (8, 5, 40)])
 def test_procrustes_matches_scipy(n, dx, dy):
     x = rand(n, dx, 17)
     y = np.tanh(x[:, :1] + x[:, -1:]) * rand(1, dy, 18) + 0.3 * rand(n, dy, 19)
     value = procrustes_residual(x, y).item()
     assert 0.05 < value < 2
-    assert value == pytest.approx(numpy_procrustes(x, y), rel=1e-9)
+    assert value == pytest.approx(scipy_procrustes(x, y), rel=1e-9)
+    # float32 input is computed in float64 too
+    assert procrustes_residual(x.astype(np.float32), y).item() == pytest.approx(value, rel=1e-5)
 
 
-def test_procrustes_pca_keeps_span_when_widths_differ():
-    # y is x (rank 3) embedded in 5 dims and rotated: PCA to width 3 loses nothing, residual 0.
-    x = rand(40, 3, 20)
-    y = np.hstack([x, np.zeros((40, 2))]) @ ortho_group.rvs(5, random_state=21)
-    assert procrustes_residual(x, y).item() == pytest.approx(0.0, abs=1e-10)
+@pytest.mark.parametrize("n,dx,dy", [(60, 6, 6), (60, 10, 4), (12, 30, 20)])
+def test_procrustes_symmetric(n, dx, dy):
+    x, y = rand(n, dx, 22), rand(n, dy, 23)
+    y[:, 0] += 2 * x[:, 0]
+    assert procrustes_residual(x, y).item() == pytest.approx(procrustes_residual(y, x).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("n,dx,db,scale,exact,pca", [
+    (100, 4, 4, 1.0, 0.6337812408, 0.9585914277),
+    (200, 6, 6, 2.0, 1.0819580379, 1.7302432609),
+])
+def test_procrustes_rotated_block_no_pca_bias(n, dx, db, scale, exact, pca):
+    # Y = [X, B] Q with B an unrelated block and Q orthogonal. The old recipe (each space cut to its
+    # top min(d_x, d_y) principal axes before the formula) gave `pca`; the exact residual is `exact`.
+    x, b = rand(n, dx, 1), scale * rand(n, db, 2)
+    y = np.hstack([x, b]) @ ortho_group.rvs(dx + db, random_state=3)
+    value = procrustes_residual(x, y).item()
+    assert value == pytest.approx(scipy_procrustes(x, y), rel=1e-9)
+    assert value == pytest.approx(exact, rel=1e-8)
+    assert abs(value - pca) > 0.3
+
+
+def test_procrustes_hand_case_orthogonal_block():
+    # Hand-worked: if the centred block B is orthogonal to the centred X (X^T B = 0) and ||B|| = ||X||,
+    # then X^T Y = [X^T X, 0] Q / (||X|| sqrt(2) ||X||), whose nuclear norm is tr(X^T X) / (sqrt(2) ||X||^2)
+    # = 1 / sqrt(2), so the residual is 2 - sqrt(2).
+    x = rand(30, 3, 24)
+    x -= x.mean(0)
+    b = rand(30, 2, 25)
+    b -= b.mean(0)
+    b -= x @ np.linalg.lstsq(x, b, rcond=None)[0]
+    b *= np.linalg.norm(x) / np.linalg.norm(b)
+    y = np.hstack([x, b]) @ ortho_group.rvs(5, random_state=26)
+    assert procrustes_residual(x, y).item() == pytest.approx(2 - np.sqrt(2), rel=1e-12)
+    assert scipy_procrustes(x, y) == pytest.approx(2 - np.sqrt(2), rel=1e-10)
+
+
+def test_procrustes_errors():
+    with pytest.raises(ValueError, match="a.pt: all 10 vectors are identical"):
+        procrustes_residual(np.ones((10, 3)), rand(10, 5, 0), names=("a.pt", "b.pt"))
+    with pytest.raises(ValueError, match="same images"):
+        procrustes_residual(rand(10, 3, 0), rand(11, 3, 0))
+
+
+def test_local_distortion_against_a_loop_and_similarity_transforms():
+    from conngeo.geometry import knn
+    from conngeo.geometry.overlap import local_distortion_per_image
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    nbrs = knn(x, 5)
+    got = local_distortion_per_image(x, y, nbrs)
+    for i in range(40):
+        ratios = [math.log((y[i] - y[j]).norm().item() / (x[i] - x[j]).norm().item()) for j in nbrs[i].tolist()]
+        mean = sum(ratios) / len(ratios)
+        assert got[i].item() == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in ratios) / len(ratios)))
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    similar = 3.0 * x @ q + 7.0  # rotated, scaled, shifted
+    assert local_distortion_per_image(x, similar, nbrs).abs().max().item() < 1e-12
+    embedded = torch.cat([x @ q, torch.zeros(40, 3, dtype=torch.float64)], dim=1)  # into a wider space
+    assert local_distortion_per_image(x, embedded, nbrs, k=3).abs().max().item() < 1e-12
+    assert got.min().item() > 0.05 and got.mean().item() > 0.2  # an unrelated space stretches unevenly

@@ -97,17 +97,23 @@ def procrustes_residual(x, y, *, names: tuple[str, str] = ("x", "y")) -> torch.T
 
     X and Y are x [N, d_x] and y [N, d_y] prepared in this order (float64):
       1. centre each column (removes translation);
-      2. only if d_x != d_y: replace each by its scores on its own top m principal axes,
-         m = min(d_x, d_y, N), so both have width m (with equal widths nothing would be dropped:
-         the residual only depends on the spans, so this step is skipped);
-      3. divide each by its Frobenius norm (removes isotropic scale).
-    Then the residual is 2 - 2 ||X^T Y||_* (nuclear norm, Schoenemann 1966): 0 when Y is a
-    rotated/reflected, scaled, shifted copy of X, 2 at most; symmetric in x and y.
+      2. divide each by its Frobenius norm (removes isotropic scale).
+    Then, for any widths, the residual is (Schoenemann 1966)
+
+        min_R ||X R - Y||_F^2 = 2 - 2 ||X^T Y||_*      (||.||_* the nuclear norm, sum of singular values)
+
+    0 when Y is a rotated/reflected, scaled, shifted copy of X, 2 at most; symmetric in x and y.
+
+    Different widths are compared exactly, without any projection: zero-pad the narrower matrix
+    with zero columns to d = max(d_x, d_y) and take R orthogonal d x d. Zero columns change
+    neither ||X||_F = ||Y||_F = 1 nor the nonzero singular values of the cross matrix (the padded
+    X^T Y is the d_x x d_y one bordered by zeros), so the formula holds as is on the unpadded
+    d_x x d_y product. A rotated copy of X embedded in a wider space therefore scores 0, while
+    directions of Y that X lacks count against the fit (Y = [X, B] rotated, centred B with
+    X^T B = 0: residual 2 - 2 / sqrt(1 + ||B||_F^2 / ||X||_F^2)). Projecting both onto their top
+    min(d_x, d_y) principal axes first would instead change the answer.
     """
     x, y = _paired(x, y, names)
-    if x.shape[1] != y.shape[1]:
-        m = min(x.shape[1], y.shape[1], x.shape[0])
-        x, y = _pca_scores(x, m), _pca_scores(y, m)
     x, y = x / x.norm(), y / y.norm()
     return (2 - 2 * torch.linalg.svdvals(x.T @ y).sum()).clamp_min(0)
 
@@ -162,7 +168,32 @@ def _paired(x, y, names):
     return out
 
 
-def _pca_scores(x: torch.Tensor, m: int) -> torch.Tensor:
-    """Centred x [N, d] projected onto its top m principal axes: [N, m]."""
-    _, vecs = torch.linalg.eigh(x.T @ x)  # eigenvalues ascending
-    return x @ vecs[:, -m:].flip(1)
+
+def local_distortion_per_image(x, y, nbrs_x, k: int | None = None, chunk: int = 256) -> torch.Tensor:
+    """Per image, how unevenly the map x -> y stretches the distances to the image's own neighbours:
+
+        distortion_i = std_{j in N_x(i,k)} log(||y_i - y_j|| / ||x_i - x_j||)     (population std)
+
+    over i's k nearest neighbours in x (nbrs_x as knn() returns them). A similarity transform (rotation,
+    uniform scale, shift) gives 0 for every image: a uniform stretch adds the same constant to every log
+    ratio, so only uneven stretching (some neighbours pulled in, others pushed out) counts. Pairs at
+    distance 0 in either space (duplicates) are left out; an image left with fewer than two pairs gets
+    NaN. x [N, d_x] and y [N, d_y] are rows of the same images; float64 results [N].
+    """
+    x, y = as_vectors(x, "x").double(), as_vectors(y, "y").double()
+    p, _, k = _neighbours(nbrs_x, nbrs_x, k)
+    if x.shape[0] != y.shape[0] or x.shape[0] != p.shape[0]:
+        raise ValueError(f"x, y and the neighbours cover {x.shape[0]}, {y.shape[0]} and {p.shape[0]} images; "
+                         "they must be the same images in the same order")
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        rows = torch.arange(start, min(start + chunk, x.shape[0]))
+        dx = (x[rows, None] - x[p[rows]]).norm(dim=-1)
+        dy = (y[rows, None] - y[p[rows]]).norm(dim=-1)
+        ok = (dx > 0) & (dy > 0)
+        ratio = torch.where(ok, (dy / torch.where(ok, dx, 1)).log(), 0.0)
+        n = ok.sum(dim=1)
+        mean = ratio.sum(dim=1) / n.clamp_min(1)
+        var = (torch.where(ok, ratio - mean[:, None], 0.0) ** 2).sum(dim=1) / n.clamp_min(1)
+        out[rows] = torch.where(n >= 2, var.sqrt(), torch.nan)
+    return out
