@@ -1,5 +1,6 @@
 """Stage captions: per image, the greedy caption from the original E_post and from connector(reconstructed
-E_pre), into data/captions/<model>/captions.csv (stem, shard, reference, post, recon).
+E_pre), into data/captions/<model>/captions.csv (stem, shard, post, recon). The reference captions stay
+beside the images (<stem>.txt); metrics/captions/<model>.json records the generation settings.
 
     post   generated from E_post as extracted (data/vectors/<model>): the model's own caption
     recon  generated from adapter.connect(E_pre reconstructed from E_post) (data/recon_vectors/<model>,
@@ -19,16 +20,16 @@ import torch
 import typer
 from tqdm import tqdm
 
-from common import LazyAdapter, load_params, model_spec
+from common import LazyAdapter, load_model, load_params, model_spec
 from conngeo.captions import captions_from_recon, generate_captions, write_table
 from conngeo.captions import parts
 from conngeo.captions.inputs import match_images, shard_folders
 from conngeo.data.images import scan
 from conngeo.data.vectors import read_index, read_shard
-from conngeo.models import load_adapter
 
 app = typer.Typer(add_completion=False)
-COLUMNS = ("stem", "shard", "reference", "post", "recon")
+COLUMNS = ("stem", "shard", "post", "recon")
+GENERATION = "generation.json"  # the generation settings, kept beside the parts for the joining run
 
 
 @app.command()
@@ -40,7 +41,7 @@ def main(
     recon: bool = typer.Option(True, help="--no-recon: no recon column (no reconstructor available)"),
     out: Path = typer.Option(None, help="output folder (default data/captions/<model>)"),
     metrics: Path = typer.Option(None, help="summary JSON (default metrics/captions/<model>.json)"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params captions.device)"),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
     dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: the model's)"),
     batch_size: int = typer.Option(None, help="images per generate call (default: params captions.batch_size)"),
     max_new_tokens: int = typer.Option(None, help="default: params captions.max_new_tokens"),
@@ -69,9 +70,7 @@ def main(
 
     folder = scan(root, on_bad_image=data["on_bad_image"])
     # loaded on first use: a run that only joins the workers' parts never needs the model
-    adapter = LazyAdapter(lambda: load_adapter(spec["family"], spec["source"], revision=spec["revision"],
-                                               device=device or cfg.get("device", "cpu"), dtype=spec["dtype"],
-                                               prompt=spec["prompt"]))
+    adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
     shard_list = shard_folders(vectors, f"dvc repro extract@{model}")
     recon_list = [recon_vectors / f.name for f in shard_list] if recon else []
     for recon_folder in recon_list:
@@ -112,7 +111,6 @@ def main(
         batch = items[a:b]
         paths = [it.path for it in batch]
         got = {"stem": [it.stem for it in batch], "shard": [shard_list[s].name] * len(batch),
-               "reference": [it.caption or "" for it in batch],
                "post": generate_captions(adapter, paths, post[a:b], batch_size=batch_size,
                                          max_new_tokens=max_new_tokens)}
         if recon:
@@ -120,6 +118,10 @@ def main(
                                                max_new_tokens=max_new_tokens)
         rows.update({stem: {c: got[c][i] for c in columns} for i, stem in enumerate(got["stem"])})
     bar.close()
+    settings_file = out / parts.PARTS / GENERATION
+    if adapter.loaded:  # a run that generated anything records how (a joining run may have generated nothing)
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(adapter.generation_settings(max_new_tokens), indent=2) + "\n")
 
     if workers > 1:  # the table and metrics belong to the joining run
         order = [stem for s, a, b in todo for stem in stems[s][a:b]]
@@ -130,11 +132,13 @@ def main(
     order = [stem for shard_stems in stems for stem in shard_stems]
     table = {c: [rows[st][c] for st in order] for c in columns}
     write_table(out / "captions.csv", table)
+    generation = json.loads(settings_file.read_text())
     shutil.rmtree(out / parts.PARTS, ignore_errors=True)
 
     n = len(table["stem"])
-    summary = {"model": spec, "images": n, "max_new_tokens": max_new_tokens,
-               "missing_references": sum(not r for r in table["reference"]),
+    by_stem = {it.stem: it for it in folder.items}
+    summary = {"model": spec, "images": n, "generation": generation,
+               "missing_references": sum(not by_stem[st].references for st in order),
                "empty_post": sum(not c.strip() for c in table["post"])}
     if recon:
         summary["empty_recon"] = sum(not c.strip() for c in table["recon"])

@@ -1,27 +1,67 @@
 """What every stage script shares: reading params.yaml and resolving a model name to its checkpoint."""
 
+import re
 from pathlib import Path
 
 import yaml
 
 PARAMS = Path("params.yaml")
+SPEC_KEYS = ("family", "source", "hub", "revision", "dtype", "prompt", "image_size")
 
 
 def load_params(path: Path = PARAMS) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+def checkpoint_spec(where: str, entry: dict, keys) -> dict:
+    """The checkpoint fields `keys` of a registry entry, checked: a hub checkpoint is pinned by its full
+    40-character revision (a short hash resolves offline only if the download used that exact string)."""
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise SystemExit(f"params.yaml {where}: missing {missing}; every entry names {list(keys)}")
+    spec = {k: entry[k] for k in keys}
+    if spec.get("hub") and not re.fullmatch(r"[0-9a-f]{40}", str(spec.get("revision") or "")):
+        raise SystemExit(f"params.yaml {where}.revision is {spec.get('revision')!r}: pin the hub checkpoint "
+                         f"{spec['hub']} by its full 40-character commit hash")
+    return spec
+
+
 def model_spec(name: str, params: dict) -> dict:
-    """{family, source, revision, dtype, prompt} of model `name`, from its `use` (tiny or real) entry."""
+    """{name, family, source, hub, revision, dtype, prompt, image_size} of model `name` in `models`."""
     models = params.get("models") or {}
     if name not in models:
         raise SystemExit(f"unknown model {name!r} in params.yaml `models`; known: {sorted(models)}")
-    entry = models[name]
-    use = entry.get("use", "tiny")
-    if use not in entry:
-        raise SystemExit(f"params.yaml models.{name}.use is {use!r} but models.{name} has no {use!r} entry")
-    spec = {"revision": None, "dtype": "float32", "prompt": "", **entry[use]}
-    return {"name": name, "family": entry["family"], **spec}
+    spec = {"name": name, **checkpoint_spec(f"models.{name}", models[name], SPEC_KEYS)}
+    if spec["hub"] and not spec["prompt"]:
+        raise SystemExit(f"params.yaml models.{name}: a hub checkpoint ({spec['hub']}) is prompted through its chat "
+                         "template: set its prompt")
+    return spec
+
+
+def load_model(spec: dict, device: str):
+    """The adapter of a `model_spec`, on `device`."""
+    from conngeo.models import load_adapter  # here: a stage that only joins parts never imports the families
+
+    return load_adapter(spec["family"], spec["source"], revision=spec["revision"], device=device,
+                        dtype=spec["dtype"], prompt=spec["prompt"], image_size=spec["image_size"], hub=spec["hub"])
+
+
+def reference_spec(name: str, params: dict) -> dict:
+    """{name, kind, source, hub, revision, dtype, pooling} of reference space `name`."""
+    spaces = params["references"]["spaces"]
+    if name not in spaces:
+        raise SystemExit(f"unknown reference space {name!r}; params.yaml references.spaces has {sorted(spaces)}")
+    entry = spaces[name]
+    keys = ("kind", "source") if entry.get("kind") == "attributes" else (
+        "kind", "source", "hub", "revision", "dtype", "pooling")
+    return {"name": name, **checkpoint_spec(f"references.spaces.{name}", entry, keys)}
+
+
+def load_reference_model(spec: dict, device: str):
+    from conngeo.models.references import load_reference
+
+    return load_reference(spec["kind"], spec["source"], revision=spec["revision"], device=device,
+                          dtype=spec["dtype"], pooling=spec["pooling"], hub=spec["hub"])
 
 
 def dvclive_logger(live, prefix: str = ""):
@@ -41,6 +81,10 @@ class LazyAdapter:
 
     def __init__(self, load):
         self._load, self._adapter = load, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._adapter is not None
 
     def __getattr__(self, name):
         if self._adapter is None:

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 import typer
 
-from common import LazyAdapter, load_params, model_spec
+from common import LazyAdapter, load_model, load_params, model_spec
 from conngeo.data.images import scan
 from conngeo.extraction import extract
-from conngeo.models import load_adapter
 
 app = typer.Typer(add_completion=False)
 
@@ -26,7 +25,7 @@ def main(
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     out: Path = typer.Option(None, help="output folder (default: data/vectors/<model>)"),
     shards: list[str] = typer.Option(None, help="only these shards (repeatable); default all"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: params extract.device)"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: params device)"),
     dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: the model's)"),
     batch_size: int = typer.Option(None, help="images per forward pass"),
     num_workers: int = typer.Option(None, help="DataLoader workers decoding images"),
@@ -61,10 +60,9 @@ def main(
     for path, why in folder.skipped:
         typer.echo(f"extract: skipped unreadable image {path}: {why}")
     # loaded on first use: a run that only joins the workers' parts never needs the model
-    adapter = LazyAdapter(lambda: load_adapter(spec["family"], spec["source"], revision=spec["revision"],
-                                               device=device or cfg["device"], dtype=spec["dtype"],
-                                               prompt=spec["prompt"]))
-    summary = extract(adapter, folder.items, out, spec, batch_size=batch_size or cfg["batch_size"],
+    adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
+    summary = extract(adapter, folder.items, out, spec, setting=f"params.yaml models.{model}.image_size "
+                      f"(now {spec['image_size']})", batch_size=batch_size or cfg["batch_size"],
                       save_every=save_every or cfg["save_every"], worker=worker, workers=workers,
                       num_workers=cfg["num_workers"] if num_workers is None else num_workers)
     if workers > 1:  # the metrics belong to the joining run, which sees every shard

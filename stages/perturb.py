@@ -1,85 +1,132 @@
-"""Stage perturb: captions from perturbed E_post, one model x mode x level per run, into
-data/perturb/<model>/<mode>/<level>/captions.csv (stem, shard, reference, caption, changed, fraction,
-relative_change).
+"""Stage perturb: captions from perturbed E_post for one model, every mode and level, one model load.
 
-Modes and level semantics are in conngeo.captions.perturb (a larger level is a stronger perturbation
-in both modes: mask = fraction of tokens masked, lowrank = fraction of singular values removed).
-`changed` is the number of tokens masked or singular directions removed in that image, `fraction` its
-share, `relative_change` = ||E_post - perturbed||^2 / ||E_post||^2.
+For each mode (mask, lowrank) and level of params perturb, every image's E_post is perturbed
+(conngeo.captions.perturb: a larger level is a stronger perturbation in both modes) and captioned,
+into data/perturb/<model>/<mode>/<level>/captions.csv (stem, shard, caption, changed, fraction,
+relative_change, reused_from): `changed` is the number of tokens masked or singular directions removed
+in that image, `fraction` its share of the image's tokens or of min(tokens, width), `relative_change`
+= ||E_post - perturbed||^2 / ||E_post||^2.
+
+Each (mode, level) is one part, written atomically and recorded with a fingerprint of the model, the
+settings and the vector files in data/perturb/<model>/parts.json, so an interrupted run redoes at
+most the part it was in; the ledger is removed once every part is done. An image whose perturbed E_post equals (bit for bit) the one of an earlier
+(mode, level) is not captioned again: with few tokens several nominal levels mask the same tokens.
+`reused_from` names that earlier part, and the metrics count the reuse.
 """
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import torch
 import typer
 
-from common import load_params, model_spec
-from conngeo.captions import MODES, PerturbedPosts, generate_captions, perturbation_size, write_table
+from common import LazyAdapter, load_model, load_params, model_spec
+from conngeo.captions import MODES, PerturbedPosts, generate_captions, perturbation_size, read_table, write_table
+from conngeo.captions import parts
 from conngeo.captions.inputs import match_images, shard_folders
 from conngeo.data.images import scan
 from conngeo.data.vectors import read_shard
-from conngeo.models import load_adapter
 
 app = typer.Typer(add_completion=False)
+DONE = "parts.json"
+
+
+def digest(matrix: torch.Tensor) -> str:
+    """A hash of the matrix's bytes: equal digests, the same perturbed E_post."""
+    return hashlib.sha1(matrix.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
 
 
 @app.command()
 def main(
     model: str = typer.Option(..., help="a name from params.yaml `models`"),
-    mode: str = typer.Option(..., help=f"one of {', '.join(MODES)}"),
-    level: float = typer.Option(..., help="0..1; mask: fraction of tokens masked, lowrank: of singular values removed"),
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     vectors: Path = typer.Option(None, help="extracted vector shards (default data/vectors/<model>)"),
-    out: Path = typer.Option(None, help="output folder (default data/perturb/<model>/<mode>/<level>)"),
-    fill: str = typer.Option(None, help="mask fill: zeros or mean (default: params perturb.mask_fill)"),
-    seed: int = typer.Option(None, help="which tokens are masked (default: params perturb.seed)"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params captions.device)"),
-    batch_size: int = typer.Option(None, help="images per generate call (default: params captions.batch_size)"),
-    max_new_tokens: int = typer.Option(None, help="default: params captions.max_new_tokens"),
+    out: Path = typer.Option(None, help="output folder (default data/perturb/<model>)"),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
 ):
-    """Perturb every image's E_post and caption it."""
-    if mode not in MODES:
-        raise SystemExit(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
-    if not 0 <= level <= 1:
-        raise SystemExit(f"--level must be in [0, 1], not {level}")
+    """Perturb every image's E_post at every mode and level of params perturb, and caption it."""
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     params = load_params()
     cfg, pcfg, data = params["captions"], params["perturb"], params["data"]
+    unknown = sorted(set(pcfg["modes"]) - set(MODES))
+    if unknown:
+        raise SystemExit(f"params.yaml perturb.modes: unknown {unknown}; choose from {MODES}")
+    bad = [lv for lv in pcfg["levels"] if not 0 < float(lv) <= 1]
+    if bad:
+        raise SystemExit(f"params.yaml perturb.levels: {bad} not in (0, 1]")
     spec = model_spec(model, params)
-    fill = fill or pcfg.get("mask_fill", "zeros")
-    seed = pcfg.get("seed", 0) if seed is None else seed
     root = root or Path(data["root"])
     vectors = vectors or Path("data/vectors") / model
-    out = out or Path("data/perturb") / model / mode / str(level)
+    out = out or Path("data/perturb") / model
 
     folder = scan(root, on_bad_image=data["on_bad_image"])
-    adapter = load_adapter(spec["family"], spec["source"], revision=spec["revision"],
-                           device=device or cfg.get("device", "cpu"), dtype=spec["dtype"], prompt=spec["prompt"])
-    table = {k: [] for k in ("stem", "shard", "reference", "caption", "changed", "fraction", "relative_change")}
-    for shard_folder in shard_folders(vectors, f"dvc repro extract@{model}"):
-        shard = read_shard(shard_folder)
-        items = match_images(folder, shard.stems, str(shard_folder))
-        perturbed = PerturbedPosts(shard.post, shard.stems, mode, level, seed=seed, fill=fill)
-        table["stem"] += shard.stems
-        table["shard"] += [shard_folder.name] * len(items)
-        table["reference"] += [it.caption or "" for it in items]
-        table["caption"] += generate_captions(adapter, [it.path for it in items], perturbed,
-                                              batch_size=batch_size or cfg["batch_size"],
-                                              max_new_tokens=max_new_tokens or cfg["max_new_tokens"],
-                                              desc=f"perturb {model} {mode} {level} {shard_folder.name}")
-        for p, change in zip(shard.post, perturbed.relative_changes):
-            changed = perturbation_size(p, mode, level)
-            table["changed"].append(changed)
-            table["fraction"].append(f"{changed / (p.shape[0] if mode == 'mask' else min(p.shape)):.6g}")
-            table["relative_change"].append(f"{change:.6g}")
-    write_table(out / "captions.csv", table)
-    how = f" (fill {fill}, seed {seed})" if mode == "mask" else ""
-    typer.echo(f"perturb: {model} {mode} {level}{how}: {len(table['stem'])} images -> "
-               f"{out / 'captions.csv'} in {time.perf_counter() - start:.1f} s")
+    adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))  # not loaded if all parts are done
+    shard_list = shard_folders(vectors, f"dvc repro extract@{model}")
+    inputs = [f / n for f in shard_list for n in ("index.csv", "post.safetensors")]
+    done_file = out / DONE
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    shards = [read_shard(f) for f in shard_list]
+    items = [match_images(folder, s.stems, str(f)) for s, f in zip(shards, shard_list)]
+    captioned: dict[tuple[str, str], tuple[str, str]] = {}  # (stem, digest of perturbed E_post) -> (part, caption)
+    counts = {}
+    for mode in pcfg["modes"]:
+        for level in pcfg["levels"]:
+            part = f"{mode}/{level}"
+            settings = {"model": spec, "mode": mode, "level": level, "fill": pcfg["mask_fill"], "seed": pcfg["seed"],
+                        "max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"]}
+            fp = parts.fingerprint(settings, inputs)
+            table = {k: [] for k in ("stem", "shard", "caption", "changed", "fraction", "relative_change",
+                                     "reused_from")}
+            todo = []  # (row, key, image path, perturbed E_post) of the images that need a caption
+            for shard, shard_items, shard_folder in zip(shards, items, shard_list):
+                perturbed = PerturbedPosts(shard.post, shard.stems, mode, level, seed=pcfg["seed"],
+                                           fill=pcfg["mask_fill"])
+                for i, (stem, it) in enumerate(zip(shard.stems, shard_items)):
+                    matrix, post = perturbed[i], shard.post[i]
+                    changed = perturbation_size(post, mode, level)
+                    key = (stem, digest(matrix))
+                    source, caption = captioned.get(key, ("", None))
+                    if not source:
+                        todo.append((len(table["stem"]), key, it.path, matrix))
+                    table["stem"].append(stem)
+                    table["shard"].append(shard_folder.name)
+                    table["caption"].append(caption)
+                    table["changed"].append(changed)
+                    table["fraction"].append(f"{changed / (post.shape[0] if mode == 'mask' else min(post.shape)):.6g}")
+                    table["relative_change"].append(f"{perturbed.relative_changes[i]:.6g}")
+                    table["reused_from"].append(source)
+            path = out / mode / str(level) / "captions.csv"
+            if done.get(part) == fp and path.is_file():  # finished by an earlier, interrupted run
+                new = [read_table(path, required=("caption",))["caption"][row] for row, *_ in todo]
+                status = "kept"
+            else:
+                new = generate_captions(adapter, [p for *_, p, _ in todo], [m for *_, m in todo],
+                                        batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
+                                        desc=f"perturb {model} {part}")
+                status = "captioned"
+            for (row, key, _, _), caption in zip(todo, new):
+                table["caption"][row] = caption
+                captioned[key] = (part, caption)
+            if status == "captioned":
+                write_table(path, table)
+                done[part] = fp
+                write_json(done_file, done)
+            counts[part] = {"captioned": len(todo), "reused": len(table["stem"]) - len(todo)}
+            typer.echo(f"perturb: {model} {part}: {status}; {len(todo)} images captioned, "
+                       f"{counts[part]['reused']} with the same perturbed E_post as an earlier level reused")
+    done_file.unlink(missing_ok=True)  # all parts done: the ledger (its fingerprints carry file times) goes
+    typer.echo(f"perturb: {model}: {len(counts)} parts -> {out} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main(
 ):
     """Train one tiny pretrained model on the training split (held-out images excluded) and save it."""
     params = load_params()
-    zoo, recipe = params["zoo"], params["zoo"][kind]
+    zoo, recipe = params["zoo"], params["pretrain"][kind]
     out = out or Path("data/models") / kind
     all_items = scan(train_root).items
     items, heldout = all_items[:-zoo["heldout"]], all_items[-zoo["heldout"]:]
@@ -71,7 +71,7 @@ def main(
     start = time.perf_counter()
     with Live(dir=f"dvclive/pretrain/{kind}", dvcyaml=False, save_dvc_exp=False) as live:
         log = dvclive_logger(live, prefix="train/")
-        model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["image_size"],
+        model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["toyfood"]["image_size"],
                                          steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                                          patch_size=recipe["patch_size"], seed=zoo["seed"], log=log)
     seconds = time.perf_counter() - start

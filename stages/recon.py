@@ -45,7 +45,8 @@ def main(
     """Fit z-scores on the training split (by stem hash), train with early stopping, save the best model."""
     if threads:
         torch.set_num_threads(threads)
-    cfg = load_params()["recon"]
+    params = load_params()
+    cfg = params["recon"]
     vectors = vectors or Path("data/vectors") / model
     out = out or Path("data/recon") / model
     start = time.perf_counter()
@@ -56,7 +57,7 @@ def main(
     n_pre, d_pre, n_post, d_post = *pairs.pre.shape[1:], *pairs.post.shape[1:]
     typer.echo(f"recon: {model}: {len(pairs.stems)} images from {vectors} ({len(train.stems)} train, "
                f"{len(val.stems)} val), E_post {n_post}x{d_post} -> E_pre {n_pre}x{d_pre}")
-    device = cfg.get("device", "cpu")
+    device = params["device"]
 
     if eval_only:
         norm = Normalizer.load(out / "norm.safetensors")

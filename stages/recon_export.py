@@ -32,7 +32,7 @@ def main(
     """Reconstruct E_pre from E_post for every image of every shard."""
     if threads:
         torch.set_num_threads(threads)
-    device = load_params()["recon"].get("device", "cpu")
+    device = load_params()["device"]
     vectors = vectors or Path("data/vectors") / model
     recon = recon or Path("data/recon") / model
     out = out or Path("data/recon_vectors") / model

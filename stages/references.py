@@ -7,10 +7,10 @@ import torch
 import typer
 from tqdm import tqdm
 
-from common import load_params
+from common import load_params, load_reference_model, reference_spec
 from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import write_embeddings
-from conngeo.models.references import attribute_embedding, load_reference
+from conngeo.models.references import attribute_embedding
 
 app = typer.Typer(add_completion=False)
 
@@ -20,23 +20,19 @@ def main(
     space: str = typer.Option(..., help="a name from params.yaml references.spaces"),
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     out: Path = typer.Option(None, help="default data/refs/<space>"),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
 ):
     """Embed every image of every shard (attributes: read attributes.csv instead)."""
     params = load_params()
     data, cfg = params["data"], params["references"]
-    if space not in cfg["spaces"]:
-        raise SystemExit(f"unknown reference space {space!r}; params.yaml references.spaces has {sorted(cfg['spaces'])}")
-    entry = cfg["spaces"][space]
-    spec = {"revision": None, "dtype": "float32", **entry[entry.get("use", "tiny")]}
+    spec = reference_spec(space, params)
     root = root or Path(data["root"])
     out = out or Path("data/refs") / space
     folder = scan(root, on_bad_image=data["on_bad_image"])
-    if entry["kind"] == "attributes":
+    if spec["kind"] == "attributes":
         embed = lambda items: attribute_embedding(Path(spec["source"]), [it.stem for it in items])  # noqa: E731
     else:
-        reference = load_reference(entry["kind"], spec["source"], revision=spec["revision"], device=device,
-                                   dtype=spec["dtype"], pooling=entry.get("pooling", "cls"))
+        reference = load_reference_model(spec, device or params["device"])
         embed = lambda items: reference.embed([load_image(it.path) for it in items])  # noqa: E731
     bs = cfg["batch_size"]
     for shard in folder.shards:

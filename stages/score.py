@@ -5,10 +5,11 @@ Caption sets, built from params (never from globs, so a shrunk matrix leaves no 
     recon              ... column recon (from connector(reconstructed E_pre)), where present
     <mode>_<level>     data/perturb/<model>/<mode>/<level>/captions.csv for perturb.modes x perturb.levels
 
-Per caption: CLIPScore and RefCLIPScore (image, caption, reference caption; CLIP from
-references.spaces.clip), BERTScore P/R/F1 against the reference caption, BERTScore against the post
-caption (stability; not for post itself), and the toy world's truth of the caption against the
-reference. Writes data/scores/<model>/<set>.csv, data/scores/<model>/summary.csv (one row per set) and
+Per caption: CLIPScore and RefCLIPScore (image, caption, the image's reference captions from <stem>.txt;
+the CLIP of the reference space score.clip names, every distinct text embedded once), BERTScore P/R/F1
+against the references (bert-score's multi-reference form), BERTScore against the post caption
+(stability; not for post itself), and, with score.truth, the toy world's truth of the caption against
+its reference. An image without references is left out of the reference-based means and counted. Writes data/scores/<model>/<set>.csv, data/scores/<model>/summary.csv (one row per set) and
 metrics/score/<model>.json (means, counts of empty captions, and what produced the numbers).
 """
 
@@ -20,12 +21,13 @@ from pathlib import Path
 import torch
 import typer
 
-from common import load_params
+from common import checkpoint_spec, load_params
 from conngeo.captions import read_table, write_table
 from conngeo.captions.inputs import match_images
 from conngeo.data.images import load_image, scan
+from conngeo.models.base import checked_folder
 from conngeo.models.references import load_reference
-from conngeo.scoring import CLIPSCORE_WEIGHT, TRUTH_KEYS, BERTScore, clip_scores, truth_table
+from conngeo.scoring import CLIPSCORE_WEIGHT, TRUTH_KEYS, BERTScore, TextEmbeddings, clip_scores, truth_table
 from conngeo.scoring.truth import reference_parses
 
 app = typer.Typer(add_completion=False)
@@ -48,23 +50,23 @@ def main(
     perturb_root: Path = typer.Option(None, help="default data/perturb/<model> (then <mode>/<level>/captions.csv)"),
     out: Path = typer.Option(None, help="per-caption CSV folder (default data/scores/<model>)"),
     metrics: Path = typer.Option(None, help="default metrics/score/<model>.json"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params score.device)"),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
 ):
-    """CLIPScore, RefCLIPScore, BERTScore (vs reference and vs the post caption) and toy truth per caption."""
+    """CLIPScore, RefCLIPScore, BERTScore (vs the references and vs the post caption) and toy truth per caption."""
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     params = load_params()
     cfg, data = params["score"], params["data"]
-    device = device or cfg.get("device", "cpu")
+    device = device or params["device"]
     root = root or Path(data["root"])
     captions = captions or Path("data/captions") / model / "captions.csv"
     perturb_root = perturb_root or Path("data/perturb") / model
     out = out or Path("data/scores") / model
 
-    base = read_table(captions, required=("stem", "reference", "post"))
-    stems, references, post = base["stem"], base["reference"], base["post"]
+    base = read_table(captions, required=("stem", "post"))
+    stems, post = base["stem"], base["post"]
     sets = {"post": (post, None), **({"recon": (base["recon"], None)} if "recon" in base else {})}
     for mode in params["perturb"]["modes"]:
         for level in params["perturb"]["levels"]:
@@ -73,44 +75,52 @@ def main(
             if table["stem"] != stems:
                 raise SystemExit(f"{path}: stems differ from {captions}; rerun `dvc repro perturb` and `captions`")
             sets[f"{mode}_{level}"] = (table["caption"], {"mode": mode, "level": level, "table": table})
-
-    space = params["references"]["spaces"]["clip"]
-    spec = {"revision": None, "dtype": "float32", **space[space.get("use", "tiny")]}
-    clip = load_reference("clip", spec["source"], revision=spec["revision"], device=device, dtype=spec["dtype"],
-                          pooling="cls")
     items = match_images(scan(root, on_bad_image=data["on_bad_image"]), stems, str(captions))
-    batch = cfg.get("batch_size", 64)
+    references = [it.references for it in items]  # <stem>.txt, one reference per line
+
+    space = checkpoint_spec("score.clip", cfg["clip"], ("source", "hub", "revision", "dtype"))
+    clip = load_reference("clip", space["source"], revision=space["revision"], device=device, dtype=space["dtype"],
+                          pooling="cls", hub=space["hub"])
+    batch = cfg["batch_size"]
     image_emb = torch.cat([clip.embed([load_image(it.path) for it in items[i:i + batch]])
                            for i in range(0, len(items), batch)])
-    bert = BERTScore(cfg["bertscore_model"], num_layers=cfg.get("bertscore_num_layers"),
-                     idf=cfg.get("bertscore_idf", False), rescale_with_baseline=cfg.get("bertscore_rescale", False),
-                     batch_size=cfg.get("bertscore_batch_size", 64), device=device)
+    texts = TextEmbeddings(clip, prefix=cfg["clip_prefix"], batch_size=4 * batch)
+    texts.add([t for caps, _ in sets.values() for t in caps] + [r for refs in references for r in refs])
+    bert = BERTScore(cfg["bertscore_model"], num_layers=cfg["bertscore_num_layers"], idf=cfg["bertscore_idf"],
+                     rescale_with_baseline=cfg["bertscore_rescale"], batch_size=cfg["bertscore_batch_size"],
+                     device=device, source=cfg["bertscore_source"] and checked_folder(cfg["bertscore_source"],
+                                                                                      cfg["bertscore_revision"]))
 
     summary = {"model": model, "images": len(stems),
-               "clipscore": {"prefix": cfg["clip_prefix"], "w": CLIPSCORE_WEIGHT, "clip": spec["source"]},
-               "bertscore": bert.info(),
-               "truth": {"references_parsed": sum(map(reference_parses, references))}}
+               "references": {"per_image_max": max(map(len, references)),
+                              "images_without": sum(not r for r in references)},
+               "clipscore": {"prefix": cfg["clip_prefix"], "w": CLIPSCORE_WEIGHT,
+                             "clip": space["hub"] or space["source"], "revision": space["revision"],
+                             "distinct_texts": len(texts)},
+               "bertscore": bert.info()}
+    if cfg["truth"]:
+        summary["truth"] = {"references_parsed": sum(reference_parses(r[0]) for r in references if r)}
     rows = []
-    for name, (texts, perturbation) in sets.items():
-        clip_out = clip_scores(clip, image_emb, texts, references, prefix=cfg["clip_prefix"],
-                               batch_size=cfg.get("batch_size", 64) * 4)
-        vs_ref = bert.score(texts, references)
-        columns = {"stem": stems, "caption": texts, "clipscore": fmt(clip_out["clipscore"]),
+    for name, (captions_of_set, perturbation) in sets.items():
+        clip_out = clip_scores(texts, image_emb, captions_of_set, references)
+        vs_ref = bert.score(captions_of_set, references)
+        columns = {"stem": stems, "caption": captions_of_set, "clipscore": fmt(clip_out["clipscore"]),
                    "refclipscore": fmt(clip_out["refclipscore"]),
                    **{f"bertscore_{k.lower()}": fmt(vs_ref[k]) for k in ("P", "R", "F1")}}
         means = {"clipscore": mean(clip_out["clipscore"]), "refclipscore": mean(clip_out["refclipscore"]),
                  **{f"bertscore_{k.lower()}": mean(vs_ref[k]) for k in ("P", "R", "F1")}}
         if name != "post":
-            vs_post = bert.score(texts, post)
+            vs_post = bert.score(captions_of_set, post)
             columns |= {f"stability_{k.lower()}": fmt(vs_post[k]) for k in ("P", "R", "F1")}
             means |= {f"stability_{k.lower()}": mean(vs_post[k]) for k in ("P", "R", "F1")}
-            means["same_as_post"] = mean([float(a == b) for a, b in zip(texts, post)])
+            means["same_as_post"] = mean([float(a == b) for a, b in zip(captions_of_set, post)])
             means["empty_stability_pairs"] = int(vs_post["empty"].sum())
-        truth = truth_table(texts, references)
-        columns |= {f"truth_{k}": [("" if math.isnan(v) else int(v)) for v in truth[k]] for k in TRUTH_KEYS}
-        means |= {f"truth_{k}": mean(truth[k]) for k in TRUTH_KEYS}
+        if cfg["truth"]:
+            truth = truth_table(captions_of_set, [r[0] if r else "" for r in references])
+            columns |= {f"truth_{k}": [("" if math.isnan(v) else int(v)) for v in truth[k]] for k in TRUTH_KEYS}
+            means |= {f"truth_{k}": mean(truth[k]) for k in TRUTH_KEYS}
         means["empty"] = int(clip_out["empty"].sum())
-        means["empty_reference"] = int(clip_out["empty_reference"].sum())
+        means["no_reference"] = int(clip_out["no_reference"].sum())
         if perturbation:
             table = perturbation["table"]
             for key in ("fraction", "relative_change"):
@@ -129,8 +139,9 @@ def main(
     metrics = metrics or Path("metrics/score") / f"{model}.json"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    typer.echo(f"score: {model}: {len(sets)} caption sets x {len(stems)} images -> {out} in {summary['seconds']} s; "
-               f"post CLIPScore {summary['post']['clipscore']}, BERTScore F1 {summary['post']['bertscore_f1']}")
+    typer.echo(f"score: {model}: {len(sets)} caption sets x {len(stems)} images ({len(texts)} distinct texts "
+               f"embedded once) -> {out} in {summary['seconds']} s; post CLIPScore {summary['post']['clipscore']}, "
+               f"BERTScore F1 {summary['post']['bertscore_f1']}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ import torch
 import typer
 from dvclive import Live
 
-from common import dvclive_logger, load_params, model_spec
+from common import dvclive_logger, load_model, load_params, model_spec
 from conngeo.data.images import load_image, scan
-from conngeo.models import load_adapter
 from conngeo.models.variant import ConnectorVariant
 from conngeo.models.zoo import caption_accuracy, train_captioner
 
@@ -31,7 +30,7 @@ def main(
     train_root: Path = typer.Option(None, help="training images with captions (default: params connectors.train_root)"),
     out: Path = typer.Option(None, help="variant folder (default data/models/<variant>)"),
     metrics: Path = typer.Option(None, help="summary JSON (default metrics/connectors/<variant>.json)"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params connectors.device)"),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
 ):
     """Train a replacement connector between a base's frozen vision encoder and language model."""
     params = load_params()
@@ -40,7 +39,7 @@ def main(
         raise SystemExit(f"unknown variant {variant!r}; params.yaml connectors.variants has {sorted(cfg['variants'])}")
     recipe = cfg["variants"][variant]
     torch.set_num_threads(cfg["threads"])
-    device = device or cfg["device"]
+    device = device or params["device"]
     train_root = train_root or Path(cfg["train_root"])
     out = out or Path("data/models") / variant
     metrics = metrics or Path("metrics/connectors") / f"{variant}.json"
@@ -55,8 +54,7 @@ def main(
     test_images, test_captions = [load_image(it.path) for it in test], [it.caption for it in test]
 
     spec = model_spec(recipe["base"], params)
-    base = load_adapter(spec["family"], spec["source"], revision=spec["revision"], device=device,
-                        dtype=spec["dtype"], prompt=spec["prompt"])
+    base = load_model(spec, device)
     base_accuracy, _ = caption_accuracy(base, test_images, test_captions)
     size = {k: recipe[k] for k in ("hidden", "layers", "heads") if k in recipe}
     adapter = ConnectorVariant.from_base(base, recipe["kind"], base_source=spec["source"],
@@ -74,7 +72,8 @@ def main(
     seconds = time.perf_counter() - start
 
     adapter.save(out)
-    reloaded = ConnectorVariant.load(str(out), device=device, dtype=spec["dtype"])  # as the study loads it
+    reloaded = ConnectorVariant.load(out, device=device, dtype=spec["dtype"],  # as the study loads it
+                                     image_size=spec["image_size"])
     accuracy, generated = caption_accuracy(reloaded, test_images, test_captions)
     tail = losses[-50:]
     report = {"variant": variant, "base": recipe["base"], "base_source": spec["source"], "kind": recipe["kind"],

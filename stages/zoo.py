@@ -37,7 +37,7 @@ def main(
 ):
     """Train, save with save_pretrained, reload from disk and report caption accuracy per attribute."""
     params = load_params()
-    zoo, size = params["zoo"], params["toyworld"]["image_size"]
+    zoo, size = params["zoo"], params["toyworld"]["toyfood"]["image_size"]
     torch.set_num_threads(zoo["threads"])
     recipe = zoo["models"][model]
     out = out or Path("data/models") / model

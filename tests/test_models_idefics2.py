@@ -188,7 +188,7 @@ def test_save_load_round_trip(adapter, toy, tmp_path, monkeypatch):
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MissingCheckpointError, match="dvc repro zoo"):
+    with pytest.raises(MissingCheckpointError, match="dvc repro"):
         Idefics2Adapter.load(str(tmp_path / "absent"))
-    with pytest.raises(MissingCheckpointError, match="huggingface-cli download"):
-        Idefics2Adapter.load("conngeo-test/no-such-idefics2", revision="main")
+    with pytest.raises(MissingCheckpointError, match="hf download HuggingFaceM4/idefics2-8b --revision"):
+        Idefics2Adapter.load(tmp_path / "real", revision="b" * 40, hub="HuggingFaceM4/idefics2-8b")

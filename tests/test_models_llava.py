@@ -120,15 +120,17 @@ def test_padding_leaves_each_rows_loss_unchanged(adapter, toy):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_prompt_follows_the_image_tokens(toy):
+def test_prompt_goes_through_the_chat_template(toy):
     tok = toy_tokenizer(LlavaAdapter.special_tokens)
     adapter = LlavaAdapter.tiny(tok, IMAGE_SIZE)
-    adapter.prompt = "plate"
     ids = adapter.prepare(toy[0])["input_ids"][0].tolist()
-    assert ids == [tok.convert_tokens_to_ids(IMAGE)] * 36 + [tok.convert_tokens_to_ids("plate")]
+    assert ids == [tok.convert_tokens_to_ids(IMAGE)] * 36  # the tiny zoo: no template, no prompt
+    with pytest.raises(ValueError, match="chat template"):  # never a silent fall-back to a template-less prompt
+        LlavaAdapter(adapter.model, adapter.processor, prompt="plate")
     adapter.processor.chat_template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
                                        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
                                        "{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    adapter = LlavaAdapter(adapter.model, adapter.processor, prompt="plate")
     assert adapter.prompt_text() == "USER: <image>\nplate ASSISTANT:"
 
 
@@ -160,7 +162,8 @@ def test_save_load_round_trip(adapter, toy, tmp_path, monkeypatch):
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MissingCheckpointError, match="dvc repro zoo"):
+    with pytest.raises(MissingCheckpointError, match="dvc repro"):
         LlavaAdapter.load(str(tmp_path / "absent"))
-    with pytest.raises(MissingCheckpointError, match="huggingface-cli download"):
-        LlavaAdapter.load("conngeo-test/no-such-llava", revision="main")
+    with pytest.raises(MissingCheckpointError, match=f"hf download llava-hf/llava-1.5-7b-hf --revision {'a' * 40} "
+                                                     f"--local-dir {tmp_path / 'real'}"):
+        LlavaAdapter.load(tmp_path / "real", revision="a" * 40, hub="llava-hf/llava-1.5-7b-hf")

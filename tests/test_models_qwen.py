@@ -104,8 +104,9 @@ def test_connect_reproduces_post(adapter, images):
     pre, post = adapter.encode(images)
     for mine, theirs in zip(adapter.connect(pre), post):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
-    # and per image alone, with other images' units not in the batch
-    torch.testing.assert_close(adapter.connect(pre[1:2])[0], post[1], rtol=1e-5, atol=1e-6)
+    # and per image alone, with other images' units not in the batch: a GEMM of other height may block
+    # (and round) differently, so float32's own tolerance rather than the same-batch one above
+    torch.testing.assert_close(adapter.connect(pre[1:2])[0], post[1])
 
 
 def test_raster_order_on_a_known_image(adapter):
@@ -188,16 +189,16 @@ def test_save_load_round_trip(adapter, images, tmp_path):
     for a, b in zip(loaded.encode(images)[1], adapter.encode(images)[1]):
         assert torch.equal(a, b)
     assert loaded.generate(images, max_new_tokens=8) == adapter.generate(images, max_new_tokens=8)
-    assert loaded.processor.chat_template is None  # tiny models: vision tokens, then the prompt
+    assert loaded.processor.chat_template is None  # tiny models: the vision tokens alone, no prompt
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_missing_checkpoint_says_how_to_get_it(family, tmp_path):
     cls = adapter_class(family)
-    with pytest.raises(MissingCheckpointError, match="dvc repro zoo"):
+    with pytest.raises(MissingCheckpointError, match="dvc repro"):
         cls.load(str(tmp_path / "absent"))
-    with pytest.raises(MissingCheckpointError, match="huggingface-cli download conngeo-test/absent"):
-        cls.load("conngeo-test/absent")
+    with pytest.raises(MissingCheckpointError, match="hf download conngeo-test/absent --revision"):
+        cls.load(tmp_path / "real", revision="c" * 40, hub="conngeo-test/absent")
 
 
 def test_chat_template_prompt_expands_one_image_pad(adapter):

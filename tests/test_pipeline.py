@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 def test_repro_writes_outputs_and_second_repro_is_noop(smoke_project):
     images = smoke_project / "data/images/toyfood"
-    params = yaml.safe_load((smoke_project / "params.yaml").read_text())["toyworld"]
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())["toyworld"]["toyfood"]
     assert len(list(images.rglob("*.png"))) == params["shards"] * params["images_per_shard"]
     assert (smoke_project / "dvc.lock").is_file()
     before = tree_digest(smoke_project / "data")
@@ -111,7 +111,7 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
     before = (repo / "data/images/toyfood/attributes.csv").read_text()
     # only the toyworld stage: the rest of the pipeline would rerun on the new world, which the
     # repro test already covers and CI has no time for twice
-    run("dvc", "exp", "run", "-n", "seed1", "-S", "toyworld.seed=1", "toyworld", cwd=repo)
+    run("dvc", "exp", "run", "-n", "seed1", "-S", "toyworld.toyfood.seed=1", "toyworld@toyfood", cwd=repo)
     assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
     shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
     assert "seed1" in shown

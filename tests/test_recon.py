@@ -282,7 +282,8 @@ def test_stages_train_export_and_evaluate(tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["recon"].update(epochs=4, patience=4, batch_size=16, warmup=4, hidden_size=16, num_layers=1, num_heads=2,
                            val_fraction=0.25, patch_maps=2)
-    Path("params.yaml").write_text(yaml.safe_dump({"recon": params["recon"], "models": params["models"]}))
+    Path("params.yaml").write_text(yaml.safe_dump({"recon": params["recon"], "models": params["models"],
+                                                   "device": params["device"]}))
     pairs = merge_pairs(n=80, side=4, d=3)
     names = [f"study_{i // 40:03d}_{i % 40:05d}" for i in range(80)]
     split = split_by_stem(names, 0.25)

@@ -101,10 +101,10 @@ def test_load_reference_from_saved_folders(world, tokenizer, tmp_path, monkeypat
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MissingCheckpointError, match="dvc repro zoo"):
+    with pytest.raises(MissingCheckpointError, match="dvc repro"):
         load_reference("clip", str(tmp_path / "no-such-model"))
-    with pytest.raises(MissingCheckpointError, match="huggingface-cli download facebook/dinov2-base"):
-        load_reference("dino", "facebook/dinov2-base")
+    with pytest.raises(MissingCheckpointError, match="hf download facebook/dinov2-base --revision"):
+        load_reference("dino", tmp_path / "dino-real", revision="d" * 40, hub="facebook/dinov2-base")
     with pytest.raises(ValueError, match="unknown reference kind"):
         load_reference("siglip", "anything")
 

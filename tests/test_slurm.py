@@ -40,11 +40,12 @@ def project(tmp_path_factory):
     for name, family in MODELS.items():
         cls = adapter_class(family)
         cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / name)
-        models[name] = {"family": family, "use": "tiny", "tiny": {"source": str(root / "models" / name)}}
+        models[name] = {"family": family, "source": str(root / "models" / name), "hub": None, "revision": None,
+                        "dtype": "float32", "prompt": "", "image_size": 48}
     # 5 images a shard in parts of 3: chunks (shard000: 0, 1), (shard001: 0, 1), dealt across workers
-    params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models,
-              "extract": {"device": "cpu", "batch_size": 2, "num_workers": 0, "save_every": 3},
-              "captions": {"max_new_tokens": 4, "batch_size": 2, "device": "cpu"},
+    params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models, "device": "cpu",
+              "extract": {"batch_size": 2, "num_workers": 0, "save_every": 3},
+              "captions": {"max_new_tokens": 4, "batch_size": 2},
               "references": {"spaces": {}}, "perturb": {"modes": [], "levels": []}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root

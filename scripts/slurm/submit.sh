@@ -7,7 +7,7 @@
 #
 # Prints the id of the job that finishes the submission, so calls can be chained (AFTER=<id>).
 # Knobs (environment):
-#   MODELS, SPACES, MODES, LEVELS  which models / reference spaces / perturbations (default: params.yaml)
+#   MODELS, SPACES  which models / reference spaces (default: params.yaml)
 #   WORKERS      processes per model for extract and captions (default 4); their parts are joined by
 #                one plain stage run per model, then checked by stages/verify.py
 #   SBATCH_ARGS  extra sbatch options for every job, e.g. "--partition=gpu --gres=gpu:a100:1"
@@ -23,8 +23,6 @@ test -f params.yaml || { echo "submit.sh: run from the project root (no params.y
 param() { python -c "import yaml; p = yaml.safe_load(open('params.yaml')); print(*($1))"; }
 MODELS=${MODELS:-$(param 'p["models"]')}
 SPACES=${SPACES:-$(param 'p["references"]["spaces"]')}
-MODES=${MODES:-$(param 'p["perturb"]["modes"]')}
-LEVELS=${LEVELS:-$(param 'p["perturb"]["levels"]')}
 WORKERS=${WORKERS:-4}
 SBATCH_ARGS=${SBATCH_ARGS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -69,12 +67,7 @@ recon()        { per_model recon "$1"; }
 recon_export() { per_model recon_export "$1"; }
 recon_eval()   { per_model recon_eval "$1" $CPU; }
 score()        { per_model score "$1"; }
-perturb() {
-  local m mode level
-  for m in $MODELS; do for mode in $MODES; do for level in $LEVELS; do
-    echo "python stages/perturb.py --model $m --mode $mode --level $level --out data/perturb/$m/$mode/$level"
-  done; done; done | array perturb "$1"
-}
+perturb()      { per_model perturb "$1"; }   # every mode and level of a model in one task (one model load)
 all() {  # the DAG of dvc.yaml from extraction on (toyworld, pretrain and zoo are light: dvc repro them first)
   local ex rf kn rc re ev ca pe
   ex=$(extract "$1"); rf=$(references "$1")

@@ -74,6 +74,26 @@ def _read_part(path: Path, fp: str):
     return stems, list(torch.split(pre, pre_counts)), list(torch.split(post, post_counts))
 
 
+class OneShape:
+    """Every image of a model must give one E_pre and one E_post shape (the reconstructor, the
+    connector variants and the token-level measures need it): the first image's shapes are the
+    model's, and any other image with other shapes stops the run at once, naming both images and
+    `setting` (what fixes the geometry, e.g. the registry's image_size)."""
+
+    def __init__(self, setting: str = "the model's image size"):
+        self.setting, self.first = setting, None
+
+    def check(self, stem: str, pre: tuple, post: tuple) -> None:
+        if self.first is None:
+            self.first = (stem, tuple(pre), tuple(post))
+            return
+        first, pre0, post0 = self.first
+        if (tuple(pre), tuple(post)) != (pre0, post0):
+            raise ValueError(f"image {stem} gives E_pre {tuple(pre)} / E_post {tuple(post)} tokens x width, but image "
+                             f"{first} gave {pre0} / {post0}: every image of a model needs one token shape. Set "
+                             f"{self.setting} so that every image is brought to one size")
+
+
 def _is_done(folder: Path, fp: str) -> bool:
     stamp = folder / FINGERPRINT
     return vectors.is_complete(folder) and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fp
@@ -81,12 +101,14 @@ def _is_done(folder: Path, fp: str) -> bool:
 
 def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size: int = 32,
                   save_every: int = 256, num_workers: int = 0, desc: str = "extract",
-                  mine: set[int] | None = None) -> str:
+                  mine: set[int] | None = None, shape: OneShape | None = None) -> str:
     """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed".
 
     mine: only these chunk numbers (a worker's share, see `assign`): their part files are written and
     the shard is left unjoined for a later plain run; returns "parts" then.
+    shape: checks that every image gives the same token shapes (see OneShape).
     """
+    shape = shape or OneShape()
     folder = Path(folder)
     stamp = folder / FINGERPRINT
     if _is_done(folder, fp):
@@ -107,6 +129,8 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
         loader = DataLoader(_Images(chunk), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
         for images in loader:
             p, q = adapter.encode(images)
+            for it, a, b in zip(chunk[len(pre):], p, q):
+                shape.check(it.stem, a.shape, b.shape)
             pre += p
             post += q
             bar.update(len(images))
@@ -152,13 +176,14 @@ def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dic
 
 
 def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int = 0, workers: int = 1,
-            **kwargs) -> dict:
+            setting: str = "the model's image size", **kwargs) -> dict:
     """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics.
 
     With workers > 1, only worker `worker`'s share of part files (see `assign`); a plain run joins them.
+    setting: what fixes the image geometry, named when two images give different token shapes.
     """
     start = time.perf_counter()
-    status = {}
+    status, shape = {}, OneShape(setting)
     shards = sorted({it.shard for it in items})
     share = assign(items, kwargs.get("save_every", 256), worker, workers) if workers > 1 else None
     for shard in shards:
@@ -168,7 +193,7 @@ def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int
         if mine is not None and not mine:
             continue  # nothing of this shard is ours; do not even create its folder
         status[shard] = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}",
-                                      mine=mine, **kwargs)
+                                      mine=mine, shape=shape, **kwargs)
     return {"images": len(items), "shards": status, "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -1,6 +1,7 @@
 """Reader for image folders in the layout real users already have:
 
-    <root>/<shard>/<stem>.jpg|.jpeg|.png   and optionally   <root>/<shard>/<stem>.txt  (reference caption)
+    <root>/<shard>/<stem>.jpg|.jpeg|.png   and optionally   <root>/<shard>/<stem>.txt  (reference captions,
+                                                                                      one per line)
 
 Shards and stems come back sorted. Nothing is dropped silently: a missing caption is listed in
 `missing_captions`, and an unreadable image either raises `BadImageError` (naming the file and the
@@ -26,7 +27,17 @@ class Item:
     shard: str
     stem: str
     path: Path
-    caption: str | None  # None where <stem>.txt is missing
+    references: list[str]  # the lines of <stem>.txt (COCO has five); [] where it is missing or empty
+
+    @property
+    def caption(self) -> str | None:
+        """The first reference (the toy world has one per image); None without any."""
+        return self.references[0] if self.references else None
+
+
+def read_references(path: Path) -> list[str]:
+    """The non-empty lines of a reference file, stripped, in order."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -94,11 +105,11 @@ def scan(root: Path, shards: list[str] | None = None, on_bad_image: str = "error
                 continue
             text = path.with_suffix(".txt")
             if text.is_file():
-                cap = text.read_text().strip()
+                references = read_references(text)
             else:
-                cap = None
+                references = []
                 folder.missing_captions.append(text)
-            folder.items.append(Item(shard, path.stem, path, cap))
+            folder.items.append(Item(shard, path.stem, path, references))
     if not folder.items:
         raise FileNotFoundError(f"{root}: no readable images in shards {shards}")
     return folder

@@ -7,7 +7,7 @@ import pkgutil
 
 from .base import Adapter, MissingCheckpointError
 
-_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain", "pretrain_siglip"}
+_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain", "pretrain_siglip", "rehearsal"}
 
 
 def families() -> dict[str, type[Adapter]]:
@@ -31,9 +31,11 @@ def adapter_class(family: str) -> type[Adapter]:
     return known[family]
 
 
-def load_adapter(family: str, source: str, revision: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", prompt: str = "") -> Adapter:
-    return adapter_class(family).load(source, revision=revision, device=device, dtype=dtype, prompt=prompt)
+def load_adapter(family: str, source, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 prompt: str = "", image_size: int | None = None, hub: str | None = None) -> Adapter:
+    """`adapter_class(family).load(...)`: see Adapter.load."""
+    return adapter_class(family).load(source, revision=revision, device=device, dtype=dtype, prompt=prompt,
+                                      image_size=image_size, hub=hub)
 
 
 __all__ = ["Adapter", "MissingCheckpointError", "families", "adapter_class", "load_adapter"]

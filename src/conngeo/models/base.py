@@ -14,16 +14,20 @@ point, token order, processor details, the tiny zoo config) stay inside that fil
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from PIL import Image
+from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# generation settings a checkpoint's generation_config.json may carry that the study never uses: it
+# decodes plain greedy whatever the checkpoint suggests (e.g. Qwen2.5-VL's repetition_penalty 1.05)
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
+                 "no_repeat_ngram_size", "bad_words_ids", "length_penalty")
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -38,29 +42,55 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def from_pretrained_kwargs(source: str, revision: str | None) -> dict:
-    """Arguments shared by every from_pretrained call: offline unless told otherwise, never remote code."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    return {"revision": revision, "local_files_only": offline or Path(source).is_dir(), "trust_remote_code": False}
+def from_pretrained_kwargs() -> dict:
+    """Arguments of every from_pretrained call: a local folder only, never remote code."""
+    return {"local_files_only": True, "trust_remote_code": False}
 
 
-def missing_checkpoint(source: str, revision: str | None, err: Exception) -> MissingCheckpointError:
-    if Path(source).exists() or source.startswith((".", "/")) or source.startswith("data/"):
-        how = "build the default zoo with `dvc repro zoo` (or point `source` at a save_pretrained folder)"
+def missing_checkpoint(folder, revision: str | None = None, hub: str | None = None) -> MissingCheckpointError:
+    """The error for a checkpoint folder that is not there, saying how to get it: the download command
+    of a hub checkpoint (`hub` + `revision`), else the stage that trains the tiny one."""
+    if hub:
+        how = (f"download it once on a machine with network: `hf download {hub}"
+               f"{' --revision ' + revision if revision else ''} --local-dir {folder}`")
     else:
-        how = (f"download it once with `huggingface-cli download {source}"
-               f"{' --revision ' + revision if revision else ''}` on a machine with network, "
-               "then run with HF_HUB_OFFLINE=1")
-    return MissingCheckpointError(f"checkpoint {source!r} (revision {revision}) not found: {how}. ({err})")
+        how = "build it with `dvc repro` (the pretrain, zoo and train_connector stages write the tiny ones)"
+    return MissingCheckpointError(f"{folder}: checkpoint not found; {how}")
+
+
+def downloaded_revision(folder) -> str | None:
+    """The hub commit a folder was downloaded at, as `hf download --local-dir` records it (the first
+    line of .cache/huggingface/download/config.json.metadata); None where nothing is recorded."""
+    record = Path(folder) / ".cache/huggingface/download/config.json.metadata"
+    return record.read_text().split("\n", 1)[0].strip() if record.is_file() else None
+
+
+def check_revision(folder, revision: str | None) -> None:
+    """A pinned revision must be the one the folder was downloaded at (where the folder records it)."""
+    got = downloaded_revision(folder)
+    if revision and got and got != revision:
+        raise ValueError(f"{folder}: downloaded at revision {got}, but params.yaml pins {revision}; download the "
+                         f"pinned revision again (`hf download ... --revision {revision} --local-dir {folder}`) "
+                         "or pin the one you have")
+
+
+def checked_folder(folder, revision: str | None = None, hub: str | None = None) -> Path:
+    """`folder` as a Path once it holds a checkpoint (config.json) at the pinned revision."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise missing_checkpoint(folder, revision, hub)
+    check_revision(folder, revision)
+    return folder
 
 
 def placeholder_prompt(processor, prompt: str, placeholder: str) -> str:
     """The user prompt with one image placeholder before it: through the processor's chat template
-    when it has one (real checkpoints), else `<placeholder> <prompt>` (the tiny zoo's)."""
+    when it has one (real checkpoints), else the placeholder alone (the tiny zoo, which has no
+    prompt: `Adapter` refuses a prompt without a chat template)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{placeholder} {prompt}" if prompt else placeholder
+    return placeholder
 
 
 class Adapter(ABC):
@@ -69,15 +99,33 @@ class Adapter(ABC):
     pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # the family's image placeholder tokens, added to a tiny model's word-level tokenizer
     special_tokens: ClassVar[tuple[str, ...]] = ()
+    # tokens that end a caption besides the tokenizer's eos (e.g. Idefics2's <end_of_utterance>); passed
+    # to generate explicitly, since a checkpoint's generation_config is not used
+    stop_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model, processor, prompt: str = ""):
         self.model = model.eval()
         self.processor = processor
         self.prompt = prompt
+        self.image_size: int | None = None
+        if prompt and not self.chat_template:
+            raise ValueError(f"{type(self).__name__}: a prompt ({prompt!r}) needs the checkpoint's chat template, and "
+                             "this checkpoint has none (chat_template.jinja / chat_template.json / tokenizer_config); "
+                             "a real checkpoint without one is incomplete: download it again")
+        # What the checkpoint's generation_config suggests and the study overrides: it decodes plain greedy.
+        suggested = model.generation_config.to_diff_dict() if model.generation_config is not None else {}
+        self.ignored_generation = {k: suggested[k] for k in SAMPLING_KEYS if k in suggested}
+        tok = self.tokenizer
+        model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                                                   eos_token_id=self.stop_token_ids())
 
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
 
     @property
     def device(self) -> torch.device:
@@ -91,30 +139,63 @@ class Adapter(ABC):
     model_class: ClassVar[type]  # the transformers *ForConditionalGeneration class
 
     @classmethod
-    def load(cls, source: str, revision: str | None = None, device: str = "cpu",
-             dtype: str = "float32", prompt: str = "") -> "Adapter":
-        """Load model + processor from a hub id (at `revision`) or a save_pretrained folder; a
-        missing one raises MissingCheckpointError saying how to fetch it."""
-        looks_local = source.startswith((".", "/", "data/")) or Path(source).exists()
-        if looks_local and not Path(source).is_dir():
-            raise missing_checkpoint(source, revision, FileNotFoundError(f"no folder {source}"))
-        try:
-            model = cls.model_class.from_pretrained(source, dtype=resolve_dtype(dtype),
-                                                    **from_pretrained_kwargs(source, revision))
-            processor = cls.load_processor(source, revision)
-        except OSError as err:
-            raise missing_checkpoint(source, revision, err) from err
-        return cls(model.to(device), processor, prompt=prompt)
+    def load(cls, source, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
+             prompt: str = "", image_size: int | None = None, hub: str | None = None) -> "Adapter":
+        """Load model + processor from a save_pretrained or `hf download --local-dir` folder.
+
+        revision: the pinned hub commit, checked against the one the folder records; hub: the hub id,
+        for the error that says how to download a missing folder; image_size: see `set_image_size`.
+        """
+        folder = checked_folder(source, revision, hub)
+        model = cls.model_class.from_pretrained(folder, dtype=resolve_dtype(dtype), **from_pretrained_kwargs())
+        adapter = cls(model.to(device), cls.load_processor(folder), prompt=prompt)
+        if image_size:
+            adapter.set_image_size(image_size)
+        return adapter
 
     @classmethod
-    def load_processor(cls, source: str, revision: str | None):
-        """The family's processor (image processor + tokenizer) from `source`, for `load`; use
-        `from_pretrained_kwargs(source, revision)`. (An adapter with its own `load` needs none.)"""
+    def load_processor(cls, folder: Path):
+        """The family's processor (image processor + tokenizer) from `folder`, for `load`; use
+        `from_pretrained_kwargs()`. (An adapter with its own `load` needs none.)"""
         raise NotImplementedError(f"{cls.__name__} defines neither load_processor nor its own load")
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
+
+    # -- image geometry --------------------------------------------------------------------------
+    def set_image_size(self, size: int) -> None:
+        """Bring every image to `size` x `size` pixels the family's way (its file says how), so that
+        every image of a study has one token shape whatever its own size and aspect."""
+        raise NotImplementedError(f"{type(self).__name__} does not set an image size")
+
+    def fit(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The images as the processor should receive them; families whose processor cannot fix the
+        size itself (Qwen keeps the aspect ratio) resize them here."""
+        return images
+
+    # -- generation settings ---------------------------------------------------------------------
+    def stop_token_ids(self) -> list[int]:
+        """The tokenizer's eos, then the family's stop tokens that the vocabulary has."""
+        tok, vocab = self.tokenizer, self.tokenizer.get_vocab()
+        ids = [tok.eos_token_id] + [vocab[t] for t in self.stop_tokens if t in vocab]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def greedy(self, max_new_tokens: int) -> GenerationConfig:
+        """Plain greedy decoding: the settings every caption of the study is generated with."""
+        tok = self.tokenizer
+        return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                eos_token_id=self.stop_token_ids(), pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id)
+
+    def generation_settings(self, max_new_tokens: int) -> dict:
+        """What `generate` decodes with, for the metrics: greedy, the stop tokens, and what the
+        checkpoint's own generation_config suggested and was not used."""
+        tok = self.tokenizer
+        return {"decoding": "greedy", "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
+                "max_new_tokens": max_new_tokens,
+                "stop_tokens": tok.convert_ids_to_tokens(self.stop_token_ids()),
+                "ignored_from_checkpoint": self.ignored_generation}
 
     # -- the three views -------------------------------------------------------------------------
     @abstractmethod
@@ -155,7 +236,7 @@ class Adapter(ABC):
                 inputs.pop(key, None)
             pooled = tuple(p.to(self.device, self.dtype) for p in post)
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
-        out = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = self.model.generate(**inputs, **kwargs, generation_config=self.greedy(max_new_tokens))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 

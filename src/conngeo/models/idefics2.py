@@ -99,16 +99,26 @@ def vision_weights(vision_encoder) -> tuple[dict, dict]:
 class Idefics2Adapter(Adapter):
     family = "idefics2"
     special_tokens = (FAKE_IMAGE, IMAGE, END_OF_UTTERANCE)
+    stop_tokens = (END_OF_UTTERANCE,)  # the end of an assistant turn in its chat format
     pixel_keys = ("pixel_values", "pixel_attention_mask")
 
     model_class = Idefics2ForConditionalGeneration
 
     @classmethod
-    def load_processor(cls, source: str, revision: str | None) -> Idefics2Processor:
-        processor = Idefics2Processor.from_pretrained(source, **from_pretrained_kwargs(source, revision))
+    def load_processor(cls, folder) -> Idefics2Processor:
+        processor = Idefics2Processor.from_pretrained(folder, **from_pretrained_kwargs())
         processor.image_processor.do_image_splitting = False  # one block of latents per image
         register_image_tokens(processor.tokenizer)
         return processor
+
+    def set_image_size(self, size: int) -> None:
+        """longest = shortest edge = `size`, splitting off: Idefics2's resize then gives every image
+        `size` x `size` pixels, aspect not kept (as in "Lost in Embeddings", Li et al. 2025, at 336:
+        24 x 24 = 576 patches -> the resampler's latents)."""
+        ip = self.processor.image_processor
+        ip.do_resize, ip.do_image_splitting = True, False
+        ip.size = {"longest_edge": size, "shortest_edge": size}
+        self.image_size = size
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
@@ -127,7 +137,7 @@ class Idefics2Adapter(Adapter):
         caption tokens and eos only."""
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        inputs = self.processor(images=list(images), text=[self.prompt_text()] * len(images), return_tensors="pt")
+        inputs = self.processor(images=self.fit(images), text=[self.prompt_text()] * len(images), return_tensors="pt")
         batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if captions is not None:
             tok = self.tokenizer
@@ -144,7 +154,7 @@ class Idefics2Adapter(Adapter):
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        vision = self.processor.image_processor(images=[[image] for image in images], return_tensors="pt")
+        vision = self.processor.image_processor(images=[[image] for image in self.fit(images)], return_tensors="pt")
         seen = {}
 
         def hook(module, args, kwargs, output):
@@ -230,9 +240,6 @@ class Idefics2Adapter(Adapter):
             model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
         if state is not None:
             model.model.vision_model.load_state_dict(state)
-        settings = model.generation_config
-        settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        settings.pad_token_id = tokenizer.pad_token_id
         processor = Idefics2Processor(tiny_image_processor(image_size), tokenizer, image_seq_len=latents)
         register_image_tokens(processor.tokenizer)
         return cls(model, processor)

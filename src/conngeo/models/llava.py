@@ -61,8 +61,20 @@ class LlavaAdapter(Adapter):
     model_class = LlavaForConditionalGeneration
 
     @classmethod
-    def load_processor(cls, source: str, revision: str | None) -> LlavaProcessor:
-        return LlavaProcessor.from_pretrained(source, **from_pretrained_kwargs(source, revision))
+    def load_processor(cls, folder) -> LlavaProcessor:
+        return LlavaProcessor.from_pretrained(folder, **from_pretrained_kwargs())
+
+    def set_image_size(self, size: int) -> None:
+        """As LLaVA-1.5's own processor: shortest edge resized to `size`, then the centre `size` x `size`
+        crop. The CLIP tower's position embeddings fix the size: it must be the tower's image_size."""
+        trained = self.model.config.vision_config.image_size
+        if size != trained:
+            raise ValueError(f"LLaVA: image_size {size} differs from the CLIP tower's {trained} px (its position "
+                             f"embeddings are for {trained}); set the model's image_size to {trained}")
+        ip = self.processor.image_processor
+        ip.do_resize, ip.do_center_crop = True, True
+        ip.size, ip.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+        self.image_size = size
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
@@ -80,7 +92,7 @@ class LlavaAdapter(Adapter):
         pixel_values and, with captions, labels on the caption tokens and eos only."""
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        inputs = self.processor(images=images, text=[self.prompt_text()] * len(images), return_tensors="pt")
+        inputs = self.processor(images=self.fit(images), text=[self.prompt_text()] * len(images), return_tensors="pt")
         batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if captions is not None:
             tok = self.tokenizer
@@ -96,7 +108,7 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = self.processor.image_processor(images=self.fit(images), return_tensors="pt")["pixel_values"]
         seen = {}
 
         def hook(module, args, output):
@@ -163,9 +175,6 @@ class LlavaAdapter(Adapter):
         model = LlavaForConditionalGeneration(config)
         if vision_encoder is not None:
             model.model.vision_tower.load_state_dict(vision_encoder.state_dict())
-        settings = model.generation_config
-        settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        settings.pad_token_id = tokenizer.pad_token_id
         # num_additional_image_tokens=1: the CLS token, which the "default" strategy then drops
         processor = LlavaProcessor(image_processor=tiny_image_processor(image_size), tokenizer=tokenizer,
                                    patch_size=vision_config.patch_size, vision_feature_select_strategy="default",

@@ -24,7 +24,7 @@ the CPU torch here. The adapter's processor is `QwenProcessor`: the pure-PIL ima
 (preprocessor_config.json, tokenizer.json, tokenizer_config.json); `load` reads both from there.
 The prompt's ids are built here: the chat template where the checkpoint has one (its single
 <|image_pad|> expanded to the image's token count), else <|vision_start|> <|image_pad|>*n
-<|vision_end|> followed by `prompt` (the tiny zoo). `mm_token_type_ids` marks the image pads.
+<|vision_end|> alone (the tiny zoo, which has no prompt). `mm_token_type_ids` marks the image pads.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from PIL import Image
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
 from .base import Adapter, from_pretrained_kwargs
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
+IM_END, END_OF_TEXT = "<|im_end|>", "<|endoftext|>"
 # Tokenizer classes that mean "the word-level tokenizer of conngeo.models.tokenizer": load them as
 # they are, because AutoTokenizer would pick the family's own class from config.json's model_type
 # and tokenize the custom vocabulary differently (Qwen3_5Tokenizer does).
@@ -76,27 +76,26 @@ class QwenProcessor:
     def save_pretrained(self, folder) -> None:
         self.image_processor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        if self.chat_template and not self.tokenizer.chat_template:
+            (Path(folder) / "chat_template.jinja").write_text(self.chat_template)
 
 
-def load_qwen_processor(source: str, revision: str | None) -> QwenProcessor:
-    """Image processor + tokenizer (+ chat template) from a hub id or a save_pretrained folder."""
-    kwargs = from_pretrained_kwargs(source, revision)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **kwargs)
-    tokenizer_config = json.loads(Path(_file(source, "tokenizer_config.json", kwargs)).read_text())
+def load_qwen_processor(folder) -> QwenProcessor:
+    """Image processor + tokenizer (+ chat template) from a checkpoint folder."""
+    folder, kwargs = Path(folder), from_pretrained_kwargs()
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, **kwargs)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     if tokenizer_config.get("tokenizer_class") in GENERIC_TOKENIZERS:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, **kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     template = tokenizer.chat_template
-    if template is None:  # older checkpoints keep it beside the processor only
-        legacy = _file(source, "chat_template.json", kwargs, required=False)
-        template = json.loads(Path(legacy).read_text())["chat_template"] if legacy else None
+    if template is None:  # checkpoints keep it in chat_template.jinja or, older ones, chat_template.json
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").is_file():
+            template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     return QwenProcessor(image_processor, tokenizer, template)
-
-
-def _file(source: str, name: str, kwargs: dict, required: bool = True) -> str | None:
-    return cached_file(source, name, revision=kwargs["revision"], local_files_only=kwargs["local_files_only"],
-                       _raise_exceptions_for_missing_entries=required)
 
 
 def tiny_image_processor(image_size: int, patch_size: int, merge_size: int = 2,
@@ -112,12 +111,33 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2.5vl"
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
     special_tokens = (VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD)
+    stop_tokens = (IM_END, END_OF_TEXT)  # the end of an assistant turn, the end of text
     trains_vision_encoder = True  # Qwen trains encoder, merger and LM together
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load_processor(cls, source: str, revision: str | None) -> QwenProcessor:
-        return load_qwen_processor(source, revision)
+    def load_processor(cls, folder) -> QwenProcessor:
+        return load_qwen_processor(folder)
+
+    def set_image_size(self, size: int) -> None:
+        """Every image is resized to `size` x `size` first (Qwen's processor alone keeps the aspect
+        ratio, so a photo's token count would follow its shape), and min_pixels = max_pixels =
+        size^2 caps the processor too, so that no photo can ask for more tokens than that. `size`
+        must be a multiple of patch_size * merge_size (28 for Qwen2.5-VL: 336 -> 24 x 24 = 576
+        patches -> 144 tokens; 32 for Qwen3.5: 384 -> the same counts)."""
+        ip = self.processor.image_processor
+        unit = ip.patch_size * ip.merge_size
+        if size % unit:
+            raise ValueError(f"{self.family}: image_size {size} is not a multiple of patch_size * merge_size = {unit}; "
+                             f"choose e.g. {round(size / unit) * unit}")
+        ip.size = {"shortest_edge": size * size, "longest_edge": size * size}
+        self.image_size = size
+
+    def fit(self, images: list[Image.Image]) -> list[Image.Image]:
+        if self.image_size is None:
+            return list(images)
+        side = (self.image_size, self.image_size)
+        return [im if im.size == side else im.resize(side, Image.Resampling.BICUBIC) for im in images]
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> torch.nn.Module:
@@ -148,9 +168,8 @@ class Qwen2_5_VLAdapter(Adapter):
         tok = self.tokenizer
         pad = tok.convert_tokens_to_ids(IMAGE_PAD)
         template = getattr(self.processor, "chat_template", None)
-        if template is None:
+        if template is None:  # the tiny zoo: the vision tokens alone (a prompt needs a chat template)
             ids = [tok.convert_tokens_to_ids(VISION_START), pad, tok.convert_tokens_to_ids(VISION_END)]
-            ids += tok(self.prompt, add_special_tokens=False).input_ids if self.prompt else []
         else:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
             text = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -167,7 +186,7 @@ class Qwen2_5_VLAdapter(Adapter):
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         tok = self.tokenizer
-        vision = self.processor.image_processor(images=images, return_tensors="pt")
+        vision = self.processor.image_processor(images=self.fit(images), return_tensors="pt")
         pad = tok.convert_tokens_to_ids(IMAGE_PAD)
         rows, targets = [], []
         for i, thw in enumerate(vision["image_grid_thw"]):
@@ -195,7 +214,7 @@ class Qwen2_5_VLAdapter(Adapter):
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        vision = self.processor.image_processor(images=images, return_tensors="pt")
+        vision = self.processor.image_processor(images=self.fit(images), return_tensors="pt")
         grid = vision["image_grid_thw"].to(self.device)
         seen = {}
 
@@ -263,8 +282,5 @@ class Qwen2_5_VLAdapter(Adapter):
             raise ValueError(f"image_size {image_size} must be a multiple of 2 * patch_size = {2 * patch_size}")
         torch.manual_seed(seed)
         model = cls.model_class(cls.tiny_config(tokenizer, image_size, patch_size=patch_size, **config))
-        settings = model.generation_config
-        settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        settings.pad_token_id = tokenizer.pad_token_id
         processor = QwenProcessor(tiny_image_processor(image_size, patch_size), tokenizer)
         return cls(model, processor)

@@ -25,7 +25,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMod
                           CLIPVisionModelWithProjection, Dinov2Model)
 
 from ..data.toyworld import FOODS, PLATES
-from .base import from_pretrained_kwargs, missing_checkpoint, resolve_dtype
+from .base import checked_folder, from_pretrained_kwargs, resolve_dtype
 
 POOLINGS = ("cls", "mean")
 REAL_SOURCES = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}
@@ -112,36 +112,34 @@ class DinoReference(Reference):
         return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
 
-def load_reference(kind: str, source: str, revision: str | None = None, device: str = "cpu",
-                   dtype: str = "float32", pooling: str = "cls") -> Reference:
-    """Load a reference embedder from a hub id (at `revision`) or a save_pretrained folder.
+def load_reference(kind: str, source, revision: str | None = None, device: str = "cpu",
+                   dtype: str = "float32", pooling: str = "cls", hub: str | None = None) -> Reference:
+    """Load a reference embedder from a save_pretrained or `hf download --local-dir` folder.
 
     kind "clip" accepts a CLIPModel checkpoint (image and text towers) or a vision-only
     CLIPVisionModelWithProjection one (no embed_text); kind "dino" a Dinov2Model checkpoint.
+    revision / hub: as for Adapter.load (the pinned commit is checked; the hub id is named in the
+    error that says how to download a missing folder).
     """
     if kind not in ("clip", "dino"):
-        raise ValueError(f"unknown reference kind {kind!r}; choose 'clip' or 'dino' "
-                         "(the attribute space is attribute_embedding)")
+        raise ValueError(f"unknown reference kind {kind!r}; choose 'clip' or 'dino'")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
-    kwargs = from_pretrained_kwargs(source, revision)
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-        if kind == "clip":
-            if config.model_type == "clip":
-                model_class, tokenizer = CLIPModel, AutoTokenizer.from_pretrained(source, **kwargs)
-            elif config.model_type == "clip_vision_model":
-                model_class, tokenizer = CLIPVisionModelWithProjection, None
-            else:
-                raise ValueError(f"{source}: model_type {config.model_type!r} is not a CLIP checkpoint")
+    folder, kwargs = checked_folder(source, revision, hub), from_pretrained_kwargs()
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
+    if kind == "clip":
+        if config.model_type == "clip":
+            model_class, tokenizer = CLIPModel, AutoTokenizer.from_pretrained(folder, **kwargs)
+        elif config.model_type == "clip_vision_model":
+            model_class, tokenizer = CLIPVisionModelWithProjection, None
         else:
-            if config.model_type != "dinov2":
-                raise ValueError(f"{source}: model_type {config.model_type!r} is not a DINOv2 checkpoint")
-            model_class = Dinov2Model
-        model = model_class.from_pretrained(source, dtype=resolve_dtype(dtype), **kwargs).to(device)
-    except OSError as err:
-        raise missing_checkpoint(source, revision, err) from err
+            raise ValueError(f"{folder}: model_type {config.model_type!r} is not a CLIP checkpoint")
+    else:
+        if config.model_type != "dinov2":
+            raise ValueError(f"{folder}: model_type {config.model_type!r} is not a DINOv2 checkpoint")
+        model_class = Dinov2Model
+    model = model_class.from_pretrained(folder, dtype=resolve_dtype(dtype), **kwargs).to(device)
     if kind == "clip":
         return CLIPReference(model, image_processor, tokenizer, pooling=pooling)
     return DinoReference(model, image_processor, pooling=pooling)

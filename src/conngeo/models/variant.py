@@ -219,7 +219,7 @@ class ConnectorVariant(Adapter):
         replace_module(base.model, base.connector(), connector)
         super().__init__(base.model, base.processor, prompt=base.prompt)
         self.base, self._connector, self.config = base, connector, config
-        self.pixel_keys = base.pixel_keys
+        self.pixel_keys, self.image_size = base.pixel_keys, base.image_size
         # Only the connector ever trains: train_captioner takes the parameters that require grad
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -252,11 +252,11 @@ class ConnectorVariant(Adapter):
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str, revision: str | None = None, device: str = "cpu",
-             dtype: str = "float32", prompt: str = "") -> "ConnectorVariant":
+    def load(cls, source, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
+             prompt: str = "", image_size: int | None = None, hub: str | None = None) -> "ConnectorVariant":
         """A variant folder (connector.json + connector.safetensors); the base loads from its recorded
-        source and revision (`revision` is unused: the variant is a local folder), with the prompt the
-        connector was trained under unless `prompt` is given."""
+        source and revision (`revision` and `hub` are unused: the variant is a local folder), with the
+        prompt the connector was trained under unless `prompt` is given, at `image_size`."""
         from . import load_adapter  # the registry imports this module
 
         folder = Path(source)
@@ -266,7 +266,7 @@ class ConnectorVariant(Adapter):
         config = json.loads((folder / CONFIG).read_text())
         b = config["base"]
         base = load_adapter(b["family"], b["source"], revision=b["revision"], device=device, dtype=dtype,
-                            prompt=prompt or b.get("prompt", ""))
+                            prompt=prompt or b.get("prompt", ""), image_size=image_size)
         connector = build_connector(config["kind"], config["d_in"], config["d_out"], **config["size"])
         connector.load_state_dict(load_file(folder / WEIGHTS))
         return cls(base, connector.to(device, resolve_dtype(dtype)), config)
@@ -278,6 +278,10 @@ class ConnectorVariant(Adapter):
         weights = {k: v.detach().float().cpu().contiguous() for k, v in self._connector.state_dict().items()}
         save_file(weights, folder / WEIGHTS)
         (folder / CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def set_image_size(self, size: int) -> None:
+        self.base.set_image_size(size)  # the base's processor prepares the images
+        self.image_size = size
 
     # -- the three views -------------------------------------------------------------------------
     def connector(self) -> nn.Module:

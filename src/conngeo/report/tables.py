@@ -88,10 +88,15 @@ def load_model(root: Path, model: str) -> ModelInputs:
     )
 
 
+def column(table: pd.DataFrame, name: str) -> pd.Series:
+    """`table[name]`, or NaN throughout where the column is absent (toy truth in a study of natural images)."""
+    return table[name] if name in table else pd.Series(np.nan, index=table.index)
+
+
 def attribute_errors(scores: pd.DataFrame) -> pd.Series:
     """Toy-world attributes (of kinds, counts, colours) a caption gets wrong; NaN where the reference
-    is not a toy-world caption."""
-    return sum(1.0 - scores[c] for c in TRUTH_ATTRIBUTES)
+    is not a toy-world caption or the study has no toy truth."""
+    return sum(1.0 - column(scores, c) for c in TRUTH_ATTRIBUTES)
 
 
 def per_image(m: ModelInputs, k: int) -> pd.DataFrame:
@@ -187,10 +192,11 @@ def curves(summaries: dict[str, pd.DataFrame], modes: list[str], levels: list,
         for mode in modes:
             post = s.loc["post"]
             rows.append({"model": model, "mode": mode, "level": 0.0,
-                         **{c: (1.0 if c.startswith("stability") else float(post[c])) for c in scores}})
+                         **{c: (1.0 if c.startswith("stability") else float(post.get(c, np.nan))) for c in scores}})
             for level in levels:
                 row = s.loc[f"{mode}_{level}"]
-                rows.append({"model": model, "mode": mode, "level": float(level), **{c: float(row[c]) for c in scores}})
+                rows.append({"model": model, "mode": mode, "level": float(level),
+                             **{c: float(row.get(c, np.nan)) for c in scores}})
     return pd.DataFrame(rows)
 
 
@@ -235,7 +241,7 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list[str]) -> dict:
     s = m.score_summary.set_index("set")
     for name in ("post", "recon"):
         for key in ("clipscore", "refclipscore", "bertscore_f1", "truth_exact"):
-            row[f"{name}_caption_{key}"] = float(s.loc[name, key])
+            row[f"{name}_caption_{key}"] = float(s.loc[name].get(key, np.nan))
     row["recon_caption_stability_f1"] = float(s.loc["recon", "stability_f1"])
     row["recon_caption_same_as_post"] = float(s.loc["recon", "same_as_post"])
     for mode in modes:
@@ -251,7 +257,7 @@ def caption_means(m: ModelInputs, scores=("clipscore", "bertscore_f1", "truth_ex
     rows = []
     for name in ("post", "recon"):
         for score in scores:
-            v = m.scores[name][score].to_numpy(float)
+            v = column(m.scores[name], score).to_numpy(float)
             v = v[np.isfinite(v)]
             mean = float(v.mean()) if len(v) else math.nan
             half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan

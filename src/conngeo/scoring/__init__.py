@@ -2,10 +2,10 @@
 the bert-score package, and the toy world's model-free caption truth. Metrics never load a VLM."""
 
 from conngeo.scoring.bertscore import DEFAULT_MODEL, BERTScore, model_path
-from conngeo.scoring.clipscore import (CLIPSCORE_WEIGHT, DEFAULT_PREFIX, clip_score, clip_scores, harmonic_mean,
-                                       ref_clip_score, reference_similarity, with_prefix)
+from conngeo.scoring.clipscore import (CLIPSCORE_WEIGHT, DEFAULT_PREFIX, TextEmbeddings, clip_score, clip_scores,
+                                       harmonic_mean, ref_clip_score, reference_similarity, with_prefix)
 from conngeo.scoring.truth import TRUTH_KEYS, truth_table
 
-__all__ = ["BERTScore", "CLIPSCORE_WEIGHT", "DEFAULT_MODEL", "DEFAULT_PREFIX", "TRUTH_KEYS", "clip_score",
+__all__ = ["BERTScore", "CLIPSCORE_WEIGHT", "DEFAULT_MODEL", "DEFAULT_PREFIX", "TRUTH_KEYS", "TextEmbeddings", "clip_score",
            "clip_scores", "harmonic_mean", "model_path", "ref_clip_score", "reference_similarity", "truth_table",
            "with_prefix"]

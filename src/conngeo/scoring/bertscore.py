@@ -7,7 +7,9 @@ default English model, layer 17) with baseline rescaling, which bert-score only 
 Empty or whitespace-only captions crash bert-score under transformers 5, and an empty caption is a
 result here (a perturbed model may stop at once): a pair with one side empty scores P = R = F1 = 0,
 a pair with both sides empty (two identical, empty captions: stability, not disagreement) scores 1;
-both are counted, and only the other pairs reach bert-score.
+both are counted, and only the other pairs reach bert-score. Several references per image (COCO has
+five) use bert-score's multi-reference form; an image without references gets no score (NaN) and is
+counted, never scored 0.
 
 `info()` records what produced the numbers: bert-score's hash string (with the model folder's local
 path replaced by the model's name, since the package embeds the absolute path), the model name,
@@ -54,7 +56,10 @@ def is_empty(text: str) -> bool:
 class BERTScore:
     """A loaded bert-score model; `score(candidates, references)` per pair.
 
-    model: a name in PACKAGED_MODELS, a hub id (e.g. "roberta-large") or a local folder.
+    model: a name in PACKAGED_MODELS or a hub model bert-score knows (e.g. "roberta-large"): the name
+    picks the default layer and the rescale baseline.
+    source: the folder to load the model from (a `hf download --local-dir` copy of the hub model; None:
+    the packaged model's folder, or the hub name from the Hugging Face cache).
     num_layers: the layer whose embeddings are compared (None: 6 for MiniLM-L6, else bert-score's default
     for the model, e.g. 17 for roberta-large).
     idf: weight tokens by idf computed from each call's references (as bert_score.score does).
@@ -62,7 +67,9 @@ class BERTScore:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, num_layers: int | None = None, idf: bool = False,
-                 rescale_with_baseline: bool = False, batch_size: int = 64, device: str = "cpu", lang: str = "en"):
+                 rescale_with_baseline: bool = False, batch_size: int = 64, device: str = "cpu", lang: str = "en",
+                 source: str | None = None):
+        import bert_score
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
 
@@ -72,11 +79,14 @@ class BERTScore:
                 raise ValueError(f"BERTScore model {model!r}: bert-score has no default layer for it; "
                                  "set num_layers")
         self.model = model
-        self.path = model_path(model)
+        self.path = str(source) if source else model_path(model)
         self.idf = idf
         self.batch_size = batch_size
+        # the baseline belongs to the model's name, wherever its weights are loaded from (bert-score looks
+        # it up by model_type, the folder, unless told; its hash then says "custom-rescaled")
+        baseline = os.path.join(os.path.dirname(bert_score.__file__), "rescale_baseline", lang, f"{model}.tsv")
         self.scorer = BERTScorer(model_type=self.path, num_layers=num_layers, idf=idf, lang=lang, device=device,
-                                 rescale_with_baseline=rescale_with_baseline)
+                                 rescale_with_baseline=rescale_with_baseline, baseline_path=baseline if source else None)
         if rescale_with_baseline and not os.path.isfile(self.scorer.baseline_path):
             raise ValueError(f"bert-score has no rescale baseline for {model!r} ({self.scorer.baseline_path}); "
                              "set rescale_with_baseline false or use a model it has one for, e.g. roberta-large")
@@ -85,28 +95,40 @@ class BERTScore:
     def num_layers(self) -> int:
         return self.scorer.num_layers
 
-    def score(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, torch.Tensor]:
-        """{"P", "R", "F1": [n] float64, "empty": [n] bool}; a pair with one side empty scores 0,
-        with both sides empty 1."""
+    def score(self, candidates: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, torch.Tensor]:
+        """{"P", "R", "F1": [n] float64, "empty": [n] bool, "no_reference": [n] bool}.
+
+        references: per candidate one string, or a list of strings (several references: bert-score's
+        multi-reference form, the elementwise max of P, R and F1 over them; empty strings are ignored).
+        A pair with one side empty scores 0 (counted in "empty"), with both sides empty 1 (one string
+        each: two identical empty captions). A candidate whose reference list holds no text has no
+        score (NaN, counted in "no_reference"): it is left out of means, never scored 0.
+        """
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
         n = len(candidates)
-        empty = torch.tensor([is_empty(c) or is_empty(r) for c, r in zip(candidates, references)], dtype=torch.bool)
+        single = all(isinstance(r, str) for r in references)
+        groups = [[r] if isinstance(r, str) else [t for t in r if not is_empty(t)] for r in references]
+        no_reference = torch.tensor([not single and not g for g in groups], dtype=torch.bool)
+        empty = torch.tensor([is_empty(c) or all(is_empty(t) for t in g) for c, g in zip(candidates, groups)],
+                             dtype=torch.bool) & ~no_reference
         out = {key: torch.zeros(n, dtype=torch.float64) for key in ("P", "R", "F1")}
-        keep = (~empty).nonzero().flatten().tolist()
+        keep = (~empty & ~no_reference).nonzero().flatten().tolist()
         if keep:
             cands = [candidates[i] for i in keep]
-            refs = [references[i] for i in keep]
+            refs = [groups[i][0] for i in keep] if single else [groups[i] for i in keep]
             if self.idf:
                 self.scorer._idf_dict = None  # fresh idf from this call's references, as bert_score.score does
-                self.scorer.compute_idf(refs)
+                self.scorer.compute_idf(refs if single else [t for g in refs for t in g])
             p, r, f = self.scorer.score(cands, refs, batch_size=self.batch_size)
             for key, values in zip(("P", "R", "F1"), (p, r, f)):
                 out[key][keep] = values.double()
-        both = torch.tensor([is_empty(c) and is_empty(r) for c, r in zip(candidates, references)], dtype=torch.bool)
+        both = torch.tensor([single and is_empty(c) and is_empty(g[0]) for c, g in zip(candidates, groups)],
+                            dtype=torch.bool)
         for key in ("P", "R", "F1"):
             out[key][both] = 1.0
-        out["empty"] = empty
+            out[key][no_reference] = torch.nan
+        out["empty"], out["no_reference"] = empty, no_reference
         return out
 
     def info(self) -> dict:

@@ -14,12 +14,15 @@ Rescaling against torchmetrics: torchmetrics' CLIPScore reports 100 * cos per pa
 after averaging over the batch (max(mean(100 cos), 0)); for a single pair that is 100 * max(cos, 0),
 so CLIP-S = torchmetrics * w / 100 = 0.025 * torchmetrics.
 
-The score functions are pure functions of embeddings; `clip_scores` embeds with a CLIPReference.
-Empty (or whitespace) captions score 0 and are counted; so does RefCLIPScore for an empty reference.
+The score functions are pure functions of embeddings; `clip_scores` embeds through `TextEmbeddings`,
+which embeds every distinct text once. Several references per image (COCO has five): RefCLIP-S takes
+the max over them, as the paper defines it. Empty (or whitespace) captions score 0 and are counted; an
+image without any reference has no RefCLIP-S (NaN, left out of means) and is counted.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,29 +40,42 @@ def clip_score(image_emb: torch.Tensor, caption_emb: torch.Tensor, w: float = CL
     return w * F.cosine_similarity(image_emb.double(), caption_emb.double(), dim=-1).clamp(min=0)
 
 
-def reference_similarity(caption_emb: torch.Tensor, reference_emb: torch.Tensor) -> torch.Tensor:
-    """max(max_r cos(caption, r), 0) per caption; `reference_emb` is [n, d] (one reference each) or
-    [n, r, d] (r references each); [n]."""
-    refs = reference_emb.double()
-    if refs.dim() == 2:
-        refs = refs[:, None]
-    if refs.shape[0] != caption_emb.shape[0] or refs.shape[-1] != caption_emb.shape[-1]:
-        raise ValueError(f"reference embeddings {tuple(reference_emb.shape)} do not pair with captions "
-                         f"{tuple(caption_emb.shape)}")
-    cos = F.cosine_similarity(caption_emb.double()[:, None], refs, dim=-1)
-    return cos.amax(dim=1).clamp(min=0)
+def reference_similarity(caption_emb: torch.Tensor, reference_emb: torch.Tensor,
+                         owner: torch.Tensor | None = None) -> torch.Tensor:
+    """max(max_r cos(caption, r), 0) per caption; [n].
+
+    reference_emb is [n, d] (one reference each), [n, r, d] (r each), or, with `owner`, [m, d]: any number
+    of references per caption, reference j belonging to caption owner[j]; a caption that owns none
+    gets NaN (no reference: excluded from reference-based scores, never 0)."""
+    caption_emb = caption_emb.double()
+    if owner is None:
+        refs = reference_emb.double()
+        if refs.dim() == 2:
+            refs = refs[:, None]
+        if refs.shape[0] != caption_emb.shape[0] or refs.shape[-1] != caption_emb.shape[-1]:
+            raise ValueError(f"reference embeddings {tuple(reference_emb.shape)} do not pair with captions "
+                             f"{tuple(caption_emb.shape)}")
+        return F.cosine_similarity(caption_emb[:, None], refs, dim=-1).amax(dim=1).clamp(min=0)
+    owner = torch.as_tensor(owner, dtype=torch.long)
+    if owner.shape[0] != reference_emb.shape[0]:
+        raise ValueError(f"{reference_emb.shape[0]} reference embeddings but {owner.shape[0]} owners")
+    cos = F.cosine_similarity(caption_emb[owner], reference_emb.double(), dim=-1)
+    best = torch.full((caption_emb.shape[0],), -math.inf, dtype=torch.float64)
+    best = best.scatter_reduce(0, owner, cos, reduce="amax")
+    return torch.where(torch.isinf(best), torch.nan, best.clamp(min=0))
 
 
 def harmonic_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """2ab / (a + b) elementwise, 0 where a + b = 0 (both scores are >= 0)."""
+    """2ab / (a + b) elementwise, 0 where a + b = 0 (both scores are >= 0); NaN stays NaN."""
     total = a + b
-    return torch.where(total > 0, 2 * a * b / torch.where(total > 0, total, 1), torch.zeros_like(total))
+    return torch.where(total > 0, 2 * a * b / torch.where(total > 0, total, 1), torch.where(total.isnan(), total, 0))
 
 
 def ref_clip_score(image_emb: torch.Tensor, caption_emb: torch.Tensor, reference_emb: torch.Tensor,
-                   w: float = CLIPSCORE_WEIGHT) -> torch.Tensor:
-    """Per-pair RefCLIP-S: harmonic mean of CLIP-S and the clipped best caption-reference cosine; [n]."""
-    return harmonic_mean(clip_score(image_emb, caption_emb, w), reference_similarity(caption_emb, reference_emb))
+                   owner: torch.Tensor | None = None, w: float = CLIPSCORE_WEIGHT) -> torch.Tensor:
+    """Per-pair RefCLIP-S: harmonic mean of CLIP-S and the clipped best caption-reference cosine (the max
+    over each caption's references, Hessel et al.); [n], NaN for a caption without references."""
+    return harmonic_mean(clip_score(image_emb, caption_emb, w), reference_similarity(caption_emb, reference_emb, owner))
 
 
 def with_prefix(texts: Sequence[str], prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -73,39 +89,56 @@ def is_empty(text: str) -> bool:
     return not text or not text.strip()
 
 
-def embed_texts_unique(reference, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """`reference.embed_text` of each text, embedding every distinct text once."""
-    distinct = sorted(set(texts))
-    position = {t: i for i, t in enumerate(distinct)}
-    emb = reference.embed_text(distinct, batch_size=batch_size)
-    return emb[torch.tensor([position[t] for t in texts], dtype=torch.long)]
+class TextEmbeddings:
+    """CLIP text embeddings, each distinct text embedded once.
+
+    `add(texts)` embeds the texts not seen before (sorted, in batches of `batch_size`); `embed(texts)`
+    looks them up. Embedding every distinct string once, before any score is computed, makes equal
+    captions score exactly equal wherever they occur (in another caption set, another batch): batch
+    composition changes low-order bits of a forward pass, which fp16 on a GPU would show.
+    `reference` is a CLIPReference with a text tower; the prefix is added here."""
+
+    def __init__(self, reference, prefix: str = DEFAULT_PREFIX, batch_size: int = 256):
+        self.reference, self.prefix, self.batch_size = reference, prefix, batch_size
+        self.vectors: dict[str, torch.Tensor] = {}
+
+    def add(self, texts: Sequence[str]) -> None:
+        new = sorted(set(texts) - set(self.vectors))
+        if new:
+            emb = self.reference.embed_text(with_prefix(new, self.prefix), batch_size=self.batch_size)
+            self.vectors.update(zip(new, emb))
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        self.add(texts)
+        return torch.stack([self.vectors[t] for t in texts])
+
+    def __len__(self) -> int:
+        return len(self.vectors)
 
 
-def clip_scores(reference, image_emb: torch.Tensor, captions: Sequence[str],
-                references: Sequence[str] | None = None, prefix: str = DEFAULT_PREFIX,
-                batch_size: int = 256, w: float = CLIPSCORE_WEIGHT) -> dict[str, torch.Tensor]:
+def clip_scores(texts: TextEmbeddings, image_emb: torch.Tensor, captions: Sequence[str],
+                references: Sequence[Sequence[str]] | None = None, w: float = CLIPSCORE_WEIGHT) -> dict:
     """CLIP-S (and RefCLIP-S with `references`) of each caption against its image.
 
-    reference: a CLIPReference with a text tower (conngeo.models.references.load_reference("clip", ...)).
+    texts: the TextEmbeddings of a CLIP with a text tower (conngeo.models.references.load_reference("clip", ...)).
     image_emb: [n, d] projected image embeddings, `reference.embed(images)` with pooling "cls".
-    Returns {"clipscore": [n], "empty": [n] bool} and, with references, "refclipscore" and
-    "empty_reference"; empty captions (and, for RefCLIP-S, empty references) score 0.
+    references: per caption, a list of reference captions (COCO has five; empty strings are ignored).
+    Returns {"clipscore": [n], "empty": [n] bool} and, with references, "refclipscore" (the max over each
+    caption's references) and "no_reference" [n] bool. An empty caption scores 0 and is counted; a caption
+    without a reference has refclipscore NaN (left out of means) and is counted.
     """
     if len(captions) != image_emb.shape[0]:
         raise ValueError(f"{len(captions)} captions but {image_emb.shape[0]} image embeddings")
     empty = torch.tensor([is_empty(c) for c in captions], dtype=torch.bool)
-    texts = with_prefix(captions, prefix)
-    references_texts = None
+    caption_emb = texts.embed(list(captions))
+    out = {"clipscore": clip_score(image_emb, caption_emb, w).masked_fill(empty, 0), "empty": empty}
     if references is not None:
         if len(references) != len(captions):
-            raise ValueError(f"{len(captions)} captions but {len(references)} references")
-        references_texts = with_prefix(references, prefix)
-    emb = embed_texts_unique(reference, texts + (references_texts or []), batch_size)
-    caption_emb = emb[:len(texts)]
-    out = {"clipscore": clip_score(image_emb, caption_emb, w).masked_fill(empty, 0), "empty": empty}
-    if references_texts is not None:
-        empty_ref = torch.tensor([is_empty(r) for r in references], dtype=torch.bool)
-        ref = ref_clip_score(image_emb, caption_emb, emb[len(texts):], w)
-        out["refclipscore"] = ref.masked_fill(empty | empty_ref, 0)
-        out["empty_reference"] = empty_ref
+            raise ValueError(f"{len(captions)} captions but {len(references)} reference lists")
+        flat = [(i, r) for i, refs in enumerate(references) for r in refs if not is_empty(r)]
+        owner = torch.tensor([i for i, _ in flat], dtype=torch.long)
+        ref_emb = texts.embed([r for _, r in flat]) if flat else torch.zeros(0, caption_emb.shape[1])
+        ref = ref_clip_score(image_emb, caption_emb, ref_emb, owner, w)
+        out["refclipscore"] = torch.where(empty & ~ref.isnan(), 0.0, ref)
+        out["no_reference"] = ref.isnan()
     return out
