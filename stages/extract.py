@@ -5,15 +5,15 @@ i = 0..N-1, each writing only its own part files, then once the plain command (a
 joins the parts without loading the model, and `python stages/verify.py vectors --model NAME`.
 """
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 import typer
 
-from common import LazyAdapter, load_model, load_params, model_spec
+from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
 from conngeo.data.images import scan
+from conngeo.data.vectors import resolve_dtype
 from conngeo.extraction import extract
 
 app = typer.Typer(add_completion=False)
@@ -54,28 +54,30 @@ def main(
     out = out or Path("data/vectors") / model
     if not skip_existing and out.exists():
         shutil.rmtree(out)
-    folder = scan(root, shards=shards or None, on_bad_image=data["on_bad_image"])
-    for path in folder.missing_captions:
-        typer.echo(f"extract: no caption {path} (kept; captions are not needed here)")
-    for path, why in folder.skipped:
-        typer.echo(f"extract: skipped unreadable image {path}: {why}")
+    folder = scan(root, shards=shards or None)
+    if folder.missing_captions:
+        typer.echo(f"extract: {len(folder.missing_captions)} images without a reference file (kept; e.g. "
+                   f"{folder.missing_captions[0]})")
     # loaded on first use: a run that only joins the workers' parts never needs the model
     adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
-    summary = extract(adapter, folder.items, out, spec, setting=f"params.yaml models.{model}.image_size "
-                      f"(now {spec['image_size']})", batch_size=batch_size or cfg["batch_size"],
+    store = cfg["store_dtype"] or spec["dtype"]
+    summary = extract(adapter, folder.items, out, {**spec, "store_dtype": store},
+                      setting=f"params.yaml models.{model}.image_size (now {spec['image_size']})",
+                      on_bad_image=data["on_bad_image"], store_dtype=resolve_dtype(store),
+                      batch_size=batch_size or cfg["batch_size"],
                       save_every=save_every or cfg["save_every"], worker=worker, workers=workers,
                       num_workers=cfg["num_workers"] if num_workers is None else num_workers)
     if workers > 1:  # the metrics belong to the joining run, which sees every shard
         typer.echo(f"extract: {model}: worker {worker}/{workers} wrote its parts under {out} "
                    f"({summary['shards']}) in {summary['seconds']} s")
         return
-    summary.update(model=spec, skipped=[str(p) for p, _ in folder.skipped],
-                   missing_captions=len(folder.missing_captions))
+    for stem, why in summary["skipped"]:
+        typer.echo(f"extract: skipped unreadable image {stem}: {why}")
+    summary.update(model=spec, store_dtype=store, missing_captions=len(folder.missing_captions))
     metrics = metrics or Path("metrics/extract") / f"{model}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(metrics, summary)
     typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out} in {summary['seconds']} s")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

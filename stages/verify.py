@@ -1,5 +1,6 @@
 """Check that a finished (e.g. sharded, cluster-run) output is complete before recording it with DVC.
 
+    python stages/verify.py images                    every image of the root decodes (listing a folder opens none)
     python stages/verify.py vectors --model llava     data/vectors/llava against the image root
     python stages/verify.py captions --model llava    data/captions/llava/captions.csv against the vectors
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import typer
 
-from common import load_params, model_spec
+from common import load_params, model_spec, run
 from conngeo.captions.inputs import shard_folders
 from conngeo.captions.parts import verify_table
-from conngeo.data.images import scan
+from conngeo.data.images import check_images, scan
 from conngeo.data.vectors import read_index
 from conngeo.extraction import verify as verify_extraction
 
@@ -30,6 +31,16 @@ def report(what: str, problems: list[str], ok: str) -> None:
 
 
 @app.command()
+def images(root: Path = typer.Option(None, help="image root (default: params data.root)")):
+    """Every image of the root decodes; lists each one that does not, with the reason."""
+    root = root or Path(load_params()["data"]["root"])
+    folder = scan(root)
+    bad = check_images(folder)
+    report("images", [f"{path}: cannot read image ({why}); replace or delete it, or set data.on_bad_image: skip"
+                      for path, why in bad], f"{len(folder)} images in {len(folder.shards)} shards under {root}")
+
+
+@app.command()
 def vectors(
     model: str = typer.Option(..., help="a name from params.yaml `models`"),
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
@@ -41,8 +52,9 @@ def vectors(
     spec = model_spec(model, params)
     if dtype:
         spec["dtype"] = dtype
+    spec["store_dtype"] = params["extract"]["store_dtype"] or spec["dtype"]
     out = out or Path("data/vectors") / model
-    folder = scan(root or Path(params["data"]["root"]), on_bad_image=params["data"]["on_bad_image"])
+    folder = scan(root or Path(params["data"]["root"]))
     report(f"vectors {model}", verify_extraction(folder.items, out, spec),
            f"{len(folder.items)} images in {len(folder.shards)} shards under {out}")
 
@@ -61,4 +73,4 @@ def captions(
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -101,3 +101,35 @@ def test_workers_split_without_overlap_and_join_to_identical_bytes(adapter, item
         {"shard000": "resumed", "shard001": "resumed"}
     assert verify(items, tmp_path / "split", SPEC) == []
     assert files(tmp_path / "split") == files(tmp_path / "clean")
+
+
+def test_vectors_stored_in_the_asked_dtype_and_verified(adapter, items, tmp_path):
+    """bf16 storage (what the real checkpoints compute in): the shard holds the adapter's values rounded to
+    bf16, the reader upcasts them to float32, and verify checks the stored dtype."""
+    from conngeo.data.vectors import VectorReader
+
+    spec = {**SPEC, "store_dtype": "bfloat16"}
+    extract(adapter, items, tmp_path, spec, batch_size=3, save_every=4, store_dtype=torch.bfloat16)
+    reader = VectorReader([tmp_path / "shard000"])
+    assert reader.dtype == {"pre": "BF16", "post": "BF16"}
+    pre, _ = adapter.encode([load_image(items[0].path)])
+    got = reader.read("pre", [0])
+    assert got.dtype == torch.float32 and torch.equal(got[0], pre[0].bfloat16().float())
+    assert verify(items, tmp_path, spec) == []
+    assert any("stored as BF16, expected float32" in p for p in verify(items, tmp_path, {**spec, "store_dtype": None}))
+
+
+def test_unreadable_images_stop_with_the_file_or_are_skipped_and_listed(adapter, items, tmp_path):
+    import shutil
+    from conngeo.data.images import BadImageError
+
+    root = tmp_path / "world"
+    shutil.copytree(items[0].path.parents[1], root)
+    (root / "shard000" / items[1].path.name).write_bytes(b"not an image")
+    folder = scan(root)
+    with pytest.raises(BadImageError, match=items[1].path.name):
+        extract(adapter, folder.items, tmp_path / "out", SPEC, batch_size=3, save_every=4)
+    summary = extract(adapter, folder.items, tmp_path / "skip", SPEC, batch_size=3, save_every=4, on_bad_image="skip")
+    assert [stem for stem, _ in summary["skipped"]] == [items[1].stem]
+    assert items[1].stem not in read_shard(tmp_path / "skip" / "shard000").stems
+    assert verify(folder.items, tmp_path / "skip", SPEC) == []  # skipped and listed, not missing

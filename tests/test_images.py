@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from conngeo.data.images import BadImageError, scan
+from conngeo.data.images import BadImageError, check_images, decode, scan
 
 
 def write_image(path, colour=(200, 10, 10), fmt=None):
@@ -40,28 +40,39 @@ def test_shard_selection(folder):
         scan(folder, shards=["nope"])
 
 
-def test_corrupt_image_error_names_file_and_fix(folder):
+def test_listing_opens_no_image_and_decoding_names_the_file_and_fix(folder, monkeypatch):
     bad = folder / "b_shard" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("scan opened an image"))
+    ds = scan(folder)
+    monkeypatch.undo()
+    assert "broken" in [i.stem for i in ds.items]
     with pytest.raises(BadImageError) as err:
-        scan(folder)
+        decode(ds.items)
     assert str(bad) in str(err.value) and "on_bad_image: skip" in str(err.value)
+    assert [p for p, _ in check_images(ds)] == [bad]
 
 
 def test_corrupt_image_is_listed_when_skipping(folder):
     bad = folder / "b_shard" / "broken.png"
     bad.write_bytes(b"garbage")
-    ds = scan(folder, on_bad_image="skip")
-    assert [p for p, _ in ds.skipped] == [bad]
-    assert "broken" not in [i.stem for i in ds.items]
-    assert len(ds.items) == 5
+    kept, images, skipped = decode(scan(folder).items, on_bad_image="skip")
+    assert [p for p, _ in skipped] == [bad]
+    assert "broken" not in [i.stem for i in kept] and len(kept) == len(images) == 5
+
+
+def test_the_same_stem_in_two_shards_is_an_error_naming_both(folder):
+    write_image(folder / "b_shard" / "c.png")
+    with pytest.raises(ValueError, match="two images with the stem 'c'") as err:
+        scan(folder)
+    assert str(folder / "a_shard" / "c.png") in str(err.value) and str(folder / "b_shard" / "c.png") in str(err.value)
 
 
 def test_bad_roots(tmp_path):
     with pytest.raises(FileNotFoundError, match="image root not found"):
         scan(tmp_path / "missing")
     (tmp_path / "empty" / "s").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no readable images"):
+    with pytest.raises(FileNotFoundError, match="no images"):
         scan(tmp_path / "empty")
     with pytest.raises(ValueError, match="on_bad_image"):
-        scan(tmp_path / "empty", on_bad_image="ignore")
+        decode([], on_bad_image="ignore")

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -44,7 +43,7 @@ def project(tmp_path_factory):
                         "dtype": "float32", "prompt": "", "image_size": 48}
     # 5 images a shard in parts of 3: chunks (shard000: 0, 1), (shard001: 0, 1), dealt across workers
     params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models, "device": "cpu",
-              "extract": {"batch_size": 2, "num_workers": 0, "save_every": 3},
+              "extract": {"batch_size": 2, "num_workers": 0, "save_every": 3, "store_dtype": None},
               "captions": {"max_new_tokens": 4, "batch_size": 2},
               "references": {"spaces": {}}, "perturb": {"modes": [], "levels": []}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -104,7 +103,7 @@ def test_workers_then_join_equal_one_process(project, stages, single, monkeypatc
     assert "partial file left behind" in stages("verify", "vectors", "--model", "llava", "--out", out, code=1)
 
     # the join needs no model: every part is there
-    monkeypatch.setattr(stages.module("extract"), "load_adapter", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(stages.module("extract"), "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     stages("extract", "--model", "llava", "--out", out, "--metrics", "sharded/metrics.json")
     assert "ok, 10 images in 2 shards" in stages("verify", "vectors", "--model", "llava", "--out", out)
     assert tree_digest(project / out) == tree_digest(single / "llava")
@@ -114,8 +113,10 @@ def test_workers_then_join_equal_one_process(project, stages, single, monkeypatc
     for i in range(2):
         stages("captions", "--model", "llava", "--vectors", out, "--no-recon", "--out", cap, "--worker", i,
                "--workers", 2, "--metrics", "x.json")
-    assert sorted(p.name for p in (project / cap / "parts").iterdir()) == ["0of2.csv", "1of2.csv"]
-    monkeypatch.setattr(stages.module("captions"), "load_adapter", lambda *a, **k: pytest.fail("loaded the model"))
+    # one part per generate batch of 2 images: shards of 5 -> batches at 0, 2, 4
+    assert sorted(p.name for p in (project / cap / "parts").glob("*.csv")) == [
+        f"{s:03d}-{a:07d}.csv" for s in (0, 1) for a in (0, 2, 4)]
+    monkeypatch.setattr(stages.module("captions"), "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     stages("captions", "--model", "llava", "--vectors", out, "--no-recon", "--out", cap, "--metrics", "x.json")
     assert tree_digest(project / cap) == tree_digest(single / "captions")
     assert "ok, 10 images" in stages("verify", "captions", "--model", "llava", "--vectors", out, "--out", cap)

@@ -6,8 +6,16 @@ parts are joined into the shard's files (conngeo.data.vectors) and removed. Chun
 `save_every` and batches to `batch_size` inside a chunk, so a resumed run computes exactly the same
 batches as an uninterrupted one and ends with byte-identical shards.
 
-Every file carries a fingerprint of what produced it (model, revision, dtype, prompt, the shard's
-stems); a part or shard with another fingerprint is never reused.
+Every file carries a fingerprint of what produced it (model, revision, dtype, prompt, image size,
+storage dtype, the shard's stems); a part or shard with another fingerprint is never reused. Vectors
+are stored in the dtype the model computed them in (bf16 for the real checkpoints) unless
+`store_dtype` says otherwise. The join streams the parts into the shard files one part at a time.
+
+Images are decoded here, not when the folder is listed: an unreadable image stops the run with the
+error that names it and the fix, or, with on_bad_image="skip", is left out and listed (the shard's
+fingerprint.json records it, so `verify` and later stages know it was skipped, not lost). The
+fingerprint.json also records the adapter's token layout (Adapter.token_layout: which E_post token each
+E_pre token goes into, and the raster order of the patches), so that later stages need no family.
 
 Several processes split one extraction with `worker=i, workers=N`: the chunks of all shards, in
 order, go round-robin to the workers (`assign`), and a worker writes only its own part files, never a
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +37,10 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import interrupt
 from .data import vectors
-from .data.images import Item, load_image
+from .data.images import BadImageError, Item, load_image
+from .data.vectors import resolve_dtype
 
 FINGERPRINT = "fingerprint.json"
 
@@ -40,38 +51,41 @@ def fingerprint(model_spec: dict, items: list[Item]) -> str:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers, so decoding overlaps the model's work."""
+    """Decodes images in DataLoader workers, so decoding overlaps the model's work: (item, image), or
+    (item, the BadImageError) where skipping is allowed."""
 
-    def __init__(self, items: list[Item]):
-        self.items = items
+    def __init__(self, items: list[Item], skip_bad: bool):
+        self.items, self.skip_bad = items, skip_bad
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        return load_image(self.items[i].path)
+        try:
+            return self.items[i], load_image(self.items[i].path)
+        except BadImageError as err:
+            if not self.skip_bad:
+                raise
+            return self.items[i], err
 
 
-def _as_list(images):
-    return images
+def _as_list(pairs):
+    return pairs
 
 
 def _part_path(folder: Path, chunk: int) -> Path:
     return folder / "parts" / f"part{chunk:05d}.safetensors"
 
 
-def _read_part(path: Path, fp: str):
-    """(stems, pre list, post list) of a finished part with fingerprint `fp`, or None."""
+def _part_meta(path: Path, fp: str) -> dict | None:
+    """The metadata of a finished part with fingerprint `fp` (stems, token counts, skipped), or None."""
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("fingerprint") != fp:
-            return None
-        stems = json.loads(meta["stems"])
-        pre_counts, post_counts = json.loads(meta["pre_tokens"]), json.loads(meta["post_tokens"])
-        pre, post = f.get_tensor("pre"), f.get_tensor("post")
-    return stems, list(torch.split(pre, pre_counts)), list(torch.split(post, post_counts))
+    if meta.get("fingerprint") != fp:
+        return None
+    return {k: json.loads(meta[k]) for k in ("stems", "pre_tokens", "post_tokens", "skipped", "layout")}
 
 
 class OneShape:
@@ -101,13 +115,18 @@ def _is_done(folder: Path, fp: str) -> bool:
 
 def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size: int = 32,
                   save_every: int = 256, num_workers: int = 0, desc: str = "extract",
-                  mine: set[int] | None = None, shape: OneShape | None = None) -> str:
+                  mine: set[int] | None = None, shape: OneShape | None = None, on_bad_image: str = "error",
+                  store_dtype: torch.dtype | None = None) -> str:
     """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed".
 
     mine: only these chunk numbers (a worker's share, see `assign`): their part files are written and
     the shard is left unjoined for a later plain run; returns "parts" then.
     shape: checks that every image gives the same token shapes (see OneShape).
+    on_bad_image: "error" stops at an unreadable image, "skip" leaves it out and lists it.
+    store_dtype: the dtype of the stored vectors (None: the model's).
     """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
     shape = shape or OneShape()
     folder = Path(folder)
     stamp = folder / FINGERPRINT
@@ -121,41 +140,68 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
     bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=desc, unit="img")
     for c in todo:
         chunk = chunks[c]
-        if _read_part(_part_path(folder, c), fp) is not None:
+        if _part_meta(_part_path(folder, c), fp) is not None:
             resumed = True
             bar.update(len(chunk))
             continue
-        pre, post = [], []
-        loader = DataLoader(_Images(chunk), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
-        for images in loader:
-            p, q = adapter.encode(images)
-            for it, a, b in zip(chunk[len(pre):], p, q):
-                shape.check(it.stem, a.shape, b.shape)
-            pre += p
-            post += q
-            bar.update(len(images))
+        kept, skipped, pre, post = [], [], [], []
+        loader = DataLoader(_Images(chunk, on_bad_image == "skip"), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_as_list)
+        for pairs in loader:
+            skipped += [[it.stem, str(err)] for it, err in pairs if isinstance(err, BadImageError)]
+            good = [(it, image) for it, image in pairs if not isinstance(image, BadImageError)]
+            if good:
+                p, q = adapter.encode([image for _, image in good])
+                for (it, _), a, b in zip(good, p, q):
+                    shape.check(it.stem, a.shape, b.shape)
+                kept += [it.stem for it, _ in good]
+                pre += [a.to(store_dtype or a.dtype) for a in p]
+                post += [b.to(store_dtype or b.dtype) for b in q]
+            bar.update(len(pairs))
         part = _part_path(folder, c)
         part.parent.mkdir(exist_ok=True)  # several workers may create it at once
-        meta = {"fingerprint": fp, "stems": json.dumps([it.stem for it in chunk]),
+        layout = adapter.token_layout(pre[0].shape[0], post[0].shape[0]) if kept else None
+        meta = {"fingerprint": fp, "stems": json.dumps(kept), "skipped": json.dumps(skipped), "layout": json.dumps(layout),
                 "pre_tokens": json.dumps([m.shape[0] for m in pre]),
                 "post_tokens": json.dumps([m.shape[0] for m in post])}
-        vectors.atomic_save({"pre": torch.cat(pre), "post": torch.cat(post)}, part, metadata=meta)
+        tensors = {"pre": torch.cat(pre), "post": torch.cat(post)} if kept else {}
+        vectors.atomic_save(tensors, part, metadata=meta)
+        interrupt.check(f"{part.name} of {folder}")
     bar.close()
     if mine is not None:
         return "parts"
-
-    stems, pre, post = [], [], []
-    for c in range(len(chunks)):
-        s, p, q = _read_part(_part_path(folder, c), fp)
-        stems += s
-        pre += p
-        post += q
-    vectors.write_shard(folder, stems, pre, post)
-    stamp.write_text(json.dumps({"fingerprint": fp, "images": len(stems)}) + "\n")
-    for c in range(len(chunks)):
-        _part_path(folder, c).unlink()
-    (folder / "parts").rmdir()
+    _join(folder, [_part_path(folder, c) for c in range(len(chunks))], fp)
     return "resumed" if resumed else "done"
+
+
+def _join(folder: Path, parts: list[Path], fp: str) -> None:
+    """The parts, in order, streamed into the shard's files one part at a time; then removed."""
+    metas = [_part_meta(path, fp) for path in parts]
+    stems = [s for m in metas for s in m["stems"]]
+    if not stems:
+        raise ValueError(f"{folder}: every image of this shard was unreadable and skipped "
+                         f"({sum(len(m['skipped']) for m in metas)} images); replace them or remove the shard folder "
+                         "from the image root")
+    counts = {side: [n for m in metas for n in m[f"{side}_tokens"]] for side in ("pre", "post")}
+    (folder / vectors.INDEX).unlink(missing_ok=True)  # incomplete while the files are written
+    for side in ("pre", "post"):
+        with safe_open(str(next(p for p, m in zip(parts, metas) if m["stems"])), framework="pt") as f:
+            first = f.get_slice(side)
+            width, dtype = first.get_shape()[1], vectors.dtype_of(first.get_dtype())
+        writer = vectors.TensorWriter(folder / f"{side}.safetensors", "vectors", (sum(counts[side]), width), dtype)
+        for path, meta in zip(parts, metas):
+            if meta["stems"]:
+                with safe_open(str(path), framework="pt") as f:
+                    writer.write(f.get_tensor(side))
+        writer.close()
+    vectors.write_index(folder, stems, counts["pre"], counts["post"])
+    skipped = [s for m in metas for s in m["skipped"]]
+    layout = next(m["layout"] for m in metas if m["stems"])
+    (folder / FINGERPRINT).write_text(json.dumps({"fingerprint": fp, "images": len(stems), "skipped": skipped,
+                                                  "layout": layout}) + "\n")
+    for path in parts:
+        path.unlink()
+    (folder / "parts").rmdir()
 
 
 def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dict[str, set[int]]:
@@ -177,14 +223,19 @@ def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dic
 
 def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int = 0, workers: int = 1,
             setting: str = "the model's image size", **kwargs) -> dict:
-    """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics.
+    """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics
+    (images, the images skipped as unreadable with the reason, per-shard status, seconds).
 
     With workers > 1, only worker `worker`'s share of part files (see `assign`); a plain run joins them.
     setting: what fixes the image geometry, named when two images give different token shapes.
+    kwargs: extract_shard's (batch_size, save_every, num_workers, on_bad_image, store_dtype).
     """
     start = time.perf_counter()
     status, shape = {}, OneShape(setting)
     shards = sorted({it.shard for it in items})
+    if workers == 1 and Path(out).is_dir():  # a shard no longer under the image root is not this study's
+        for stale in sorted(p for p in Path(out).iterdir() if p.is_dir() and p.name not in shards):
+            shutil.rmtree(stale)
     share = assign(items, kwargs.get("save_every", 256), worker, workers) if workers > 1 else None
     for shard in shards:
         shard_items = [it for it in items if it.shard == shard]
@@ -194,15 +245,24 @@ def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int
             continue  # nothing of this shard is ours; do not even create its folder
         status[shard] = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}",
                                       mine=mine, shape=shape, **kwargs)
-    return {"images": len(items), "shards": status, "seconds": round(time.perf_counter() - start, 2)}
+    skipped = [s for shard in shards if share is None for s in skipped_images(Path(out) / shard)]
+    return {"images": len(items) - len(skipped), "skipped": skipped, "shards": status,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def skipped_images(folder: Path) -> list[list[str]]:
+    """[stem, reason] of the images a finished shard left out as unreadable."""
+    stamp = Path(folder) / FINGERPRINT
+    return json.loads(stamp.read_text()).get("skipped", []) if stamp.is_file() else []
 
 
 def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list[str]:
     """Problems with the finished extraction in `out` for `items` (empty: complete and consistent).
 
-    Checks: every image's stem exactly once, in its own shard's index, in order; no shard folder
-    without images; token counts in index.csv sum to the rows of pre/post.safetensors; no part or
-    temporary file left; and, given `model_spec`, each shard's fingerprint matches it.
+    Checks: every image's stem exactly once (or listed as skipped), in its own shard's index, in order;
+    no shard folder without images; token counts in index.csv sum to the rows of pre/post.safetensors;
+    the stored dtype is `model_spec`'s store_dtype (or dtype); no part or temporary file left; and,
+    given `model_spec`, each shard's fingerprint matches it.
     """
     out, problems = Path(out), []
     if not out.is_dir():
@@ -220,6 +280,8 @@ def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list
             continue
         rows = vectors.read_index(folder)
         got = [r[0] for r in rows]
+        skipped = {s for s, _ in skipped_images(folder)}
+        stems = [s for s in stems if s not in skipped]  # listed as unreadable by the extraction
         for stem in got:
             if stem in seen:
                 problems.append(f"{folder}: stem {stem} also in {seen[stem]}")
@@ -228,12 +290,15 @@ def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list
             missing, extra = sorted(set(stems) - set(got)), sorted(set(got) - set(stems))
             problems.append(f"{folder}: index.csv lists {len(got)} stems, the shard has {len(stems)} images"
                             f" (missing {missing[:3]}, unexpected {extra[:3]}, or out of order)")
+        want = model_spec and (model_spec.get("store_dtype") or model_spec.get("dtype"))
         for name, col in (("pre", 1), ("post", 2)):
             with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
-                rows_in_file = f.get_slice("vectors").get_shape()[0]
+                rows_in_file, dtype = f.get_slice("vectors").get_shape()[0], f.get_slice("vectors").get_dtype()
             if rows_in_file != sum(r[col] for r in rows):
                 problems.append(f"{folder / name}.safetensors: {rows_in_file} rows but index.csv "
                                 f"lists {sum(r[col] for r in rows)} tokens")
+            if want and vectors.dtype_of(dtype) != resolve_dtype(want):
+                problems.append(f"{folder / name}.safetensors: stored as {dtype}, expected {want}")
         stamp = folder / FINGERPRINT
         if model_spec is not None and (not stamp.is_file() or json.loads(stamp.read_text())["fingerprint"]
                                        != fingerprint(model_spec, [it for it in items if it.shard == shard])):

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..data.images import ImageFolder, Item
-from ..data.vectors import is_complete
-
-
-def shard_folders(root: Path, produced_by: str) -> list[Path]:
-    """The complete vector shard folders under `root`, sorted; a clear error naming the stage to run
-    when there are none or one is incomplete."""
-    root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not folders:
-        raise FileNotFoundError(f"{root}: no vector shards; run `{produced_by}` first")
-    incomplete = [str(f) for f in folders if not is_complete(f)]
-    if incomplete:
-        raise FileNotFoundError(f"incomplete vector shard(s) {incomplete}; rerun `{produced_by}`")
-    return folders
+from ..data.vectors import shard_folders  # noqa: F401 (the caption stages' import of it)
 
 
 def match_images(folder: ImageFolder, stems: list[str], where: str) -> list[Item]:

@@ -3,9 +3,10 @@
     <root>/<shard>/<stem>.jpg|.jpeg|.png   and optionally   <root>/<shard>/<stem>.txt  (reference captions,
                                                                                       one per line)
 
-Shards and stems come back sorted. Nothing is dropped silently: a missing caption is listed in
-`missing_captions`, and an unreadable image either raises `BadImageError` (naming the file and the
-fix) or, with on_bad_image="skip", is listed in `skipped` with the reason.
+Shards and stems come back sorted. Listing a folder opens no image. Nothing is dropped silently: a
+missing caption is listed in `missing_captions`; an unreadable image, when it is decoded, either
+raises `BadImageError` (naming the file and the fix) or, with on_bad_image="skip", is listed with the
+reason (`decode`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class ImageFolder:
     root: Path
     items: list[Item] = field(default_factory=list)
     missing_captions: list[Path] = field(default_factory=list)  # the .txt files that were expected
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (image, reason)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,14 +71,11 @@ def load_image(path: Path) -> Image.Image:
         ) from err
 
 
-def scan(root: Path, shards: list[str] | None = None, on_bad_image: str = "error") -> ImageFolder:
-    """List every image under `root` (all shard folders, or only `shards`), checking each opens.
-
-    on_bad_image: "error" raises BadImageError at the first unreadable image; "skip" lists it.
-    """
+def scan(root: Path, shards: list[str] | None = None) -> ImageFolder:
+    """List every image under `root` (all shard folders, or only `shards`) without opening any: an
+    unreadable image is found where it is first decoded (`load_image`, `decode`), and
+    `check_images` reads a whole folder on demand (`python stages/verify.py images`)."""
     root = Path(root)
-    if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image root not found; expected <root>/<shard>/<stem>.png|.jpg")
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -88,21 +85,14 @@ def scan(root: Path, shards: list[str] | None = None, on_bad_image: str = "error
     if missing:
         raise FileNotFoundError(f"{root}: shard folder(s) {missing} not found; present: {present}")
 
-    folder = ImageFolder(root)
+    folder, where = ImageFolder(root), {}
     for shard in shards:
         paths = sorted(p for p in (root / shard).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        stems = [p.stem for p in paths]
-        dupes = sorted({s for s in stems if stems.count(s) > 1})
-        if dupes:
-            raise ValueError(f"{root / shard}: stems with several image files {dupes}; keep one file per stem")
         for path in paths:
-            try:
-                load_image(path)
-            except BadImageError as err:
-                if on_bad_image == "error":
-                    raise
-                folder.skipped.append((path, str(err.__cause__)))
-                continue
+            if path.stem in where:  # a stem names one image: the split, the joins and every table key on it
+                raise ValueError(f"{path} and {where[path.stem]}: two images with the stem {path.stem!r}; rename "
+                                 "or remove one (a stem must be unique under the image root)")
+            where[path.stem] = path
             text = path.with_suffix(".txt")
             if text.is_file():
                 references = read_references(text)
@@ -111,5 +101,27 @@ def scan(root: Path, shards: list[str] | None = None, on_bad_image: str = "error
                 folder.missing_captions.append(text)
             folder.items.append(Item(shard, path.stem, path, references))
     if not folder.items:
-        raise FileNotFoundError(f"{root}: no readable images in shards {shards}")
+        raise FileNotFoundError(f"{root}: no images in shards {shards}")
     return folder
+
+
+def decode(items: list[Item], on_bad_image: str = "error") -> tuple[list[Item], list, list[tuple[Path, str]]]:
+    """(kept items, their RGB images, skipped (path, reason)) of `items`: an unreadable image raises
+    BadImageError with on_bad_image="error", or is left out and listed with "skip"."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
+    kept, images, skipped = [], [], []
+    for it in items:
+        try:
+            images.append(load_image(it.path))
+            kept.append(it)
+        except BadImageError as err:
+            if on_bad_image == "error":
+                raise
+            skipped.append((it.path, str(err.__cause__)))
+    return kept, images, skipped
+
+
+def check_images(folder: ImageFolder) -> list[tuple[Path, str]]:
+    """(path, reason) of every image of `folder` that cannot be read; empty when all decode."""
+    return decode(folder.items, on_bad_image="skip")[2]
