@@ -1,6 +1,10 @@
 """Stage captions: per image, the greedy caption from the original E_post and from connector(reconstructed
-E_pre), into data/captions/<model>/captions.csv (stem, shard, post, recon). The reference captions stay
-beside the images (<stem>.txt); metrics/captions/<model>.json records the generation settings.
+E_pre), into data/captions/<model>/captions.csv (stem, shard, post, recon, recon_post_mse_z). The last
+is the error that reaches the language model: mean over tokens and features of
+((connector(reconstructed E_pre) - E_post) / std)^2, in the z-units of E_post (the reconstructor's
+training statistics). The reference captions stay beside the images (<stem>.txt);
+metrics/captions/<model>.json records the generation settings. One generate batch of vectors and
+images is in memory at a time.
 
     post   generated from E_post as extracted (data/vectors/<model>): the model's own caption
     recon  generated from adapter.connect(E_pre reconstructed from E_post) (data/recon_vectors/<model>,
@@ -20,15 +24,16 @@ import torch
 import typer
 from tqdm import tqdm
 
-from common import LazyAdapter, load_model, load_params, model_spec
-from conngeo.captions import captions_from_recon, generate_captions, write_table
-from conngeo.captions import parts
-from conngeo.captions.inputs import match_images, shard_folders
-from conngeo.data.images import scan
-from conngeo.data.vectors import read_index, read_shard
+from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
+from conngeo import interrupt
+from conngeo.captions import parts, write_table
+from conngeo.captions.inputs import match_images
+from conngeo.data.images import load_image, scan
+from conngeo.data.vectors import VectorReader, is_complete, shard_folders
+from conngeo.recon import Normalizer
 
 app = typer.Typer(add_completion=False)
-COLUMNS = ("stem", "shard", "post", "recon")
+COLUMNS = ("stem", "shard", "post", "recon", "recon_post_mse_z")
 GENERATION = "generation.json"  # the generation settings, kept beside the parts for the joining run
 
 
@@ -38,6 +43,7 @@ def main(
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     vectors: Path = typer.Option(None, help="extracted vector shards (default data/vectors/<model>)"),
     recon_vectors: Path = typer.Option(None, help="reconstructed E_pre shards (default data/recon_vectors/<model>)"),
+    recon_dir: Path = typer.Option(None, help="the trained reconstructor, for E_post's z-units (default data/recon/<model>)"),
     recon: bool = typer.Option(True, help="--no-recon: no recon column (no reconstructor available)"),
     out: Path = typer.Option(None, help="output folder (default data/captions/<model>)"),
     metrics: Path = typer.Option(None, help="summary JSON (default metrics/captions/<model>.json)"),
@@ -48,7 +54,7 @@ def main(
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     worker: int = typer.Option(0, help="this process's number, 0..workers-1 (with --workers)"),
     workers: int = typer.Option(1, help="split the batches over this many processes: each writes only "
-                                "<out>/parts/<worker>of<workers>.csv; a plain run afterwards joins them"),
+                                "<out>/parts/<shard>-<start>.csv; a plain run afterwards joins them"),
 ):
     """Greedy captions from E_post and from connector(reconstructed E_pre), for every image."""
     if threads:
@@ -64,71 +70,68 @@ def main(
     root = root or Path(data["root"])
     vectors = vectors or Path("data/vectors") / model
     recon_vectors = recon_vectors or Path("data/recon_vectors") / model
+    recon_dir = recon_dir or Path("data/recon") / model
     out = out or Path("data/captions") / model
     batch_size = batch_size or cfg["batch_size"]
     max_new_tokens = max_new_tokens or cfg["max_new_tokens"]
 
-    folder = scan(root, on_bad_image=data["on_bad_image"])
+    folder = scan(root)
     # loaded on first use: a run that only joins the workers' parts never needs the model
     adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
     shard_list = shard_folders(vectors, f"dvc repro extract@{model}")
-    recon_list = [recon_vectors / f.name for f in shard_list] if recon else []
-    for recon_folder in recon_list:
-        if not recon_folder.is_dir():
-            raise SystemExit(f"{recon_folder}: no reconstructed E_pre for shard {recon_folder.name}; run "
-                             f"`dvc repro recon_export@{model}` first (or pass --no-recon)")
-    stems = [[r[0] for r in read_index(f)] for f in shard_list]
-    columns = COLUMNS if recon else COLUMNS[:-1]
+    posts = [VectorReader([f], sides=("post",)) for f in shard_list]
+    recons = []
+    if recon:
+        for f, post_reader in zip(shard_list, posts):
+            if not is_complete(recon_vectors / f.name, ("pre",)):
+                raise SystemExit(f"{recon_vectors / f.name}: no reconstructed E_pre for shard {f.name}; run "
+                                 f"`dvc repro recon_export@{model}` first (or pass --no-recon)")
+            recons.append(VectorReader([recon_vectors / f.name], sides=("pre",)))
+            if recons[-1].stems != post_reader.stems:
+                raise SystemExit(f"{recon_vectors / f.name}: stems differ from {f}; rerun `dvc repro recon_export@{model}`")
+        norm = Normalizer.load(recon_dir / "norm.safetensors")  # E_post's z-units, for the error that reaches the LM
+    stems = [r.stems for r in posts]
+    columns = COLUMNS if recon else COLUMNS[:3]
 
     # the work: generate batches, dealt to the workers; a plain run reuses finished parts
     settings = {"model": spec, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "recon": recon}
     inputs = [f / n for f in shard_list for n in ("index.csv", "post.safetensors")]
-    inputs += [f / n for f in recon_list for n in ("index.csv", "pre.safetensors")]
+    inputs += [recon_vectors / f.name / n for f in shard_list if recon for n in ("index.csv", "pre.safetensors")]
     fp = parts.fingerprint(settings, inputs)
     todo = parts.my_units(parts.units([len(s) for s in stems], batch_size), worker, workers)
-    done, ignored = parts.read_parts(out, fp) if workers == 1 else ({}, [])
+    done, ignored = parts.read_parts(out, fp)
     for path in ignored:
         typer.echo(f"captions: ignoring {path}: made from other inputs or settings")
-    rows = {}
-    bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"captions {model}", unit="img")
-    loaded = None  # (shard number, its E_post, recon E_pre, images): one shard in memory at a time
-    for s, a, b in todo:
-        bar.update(b - a)
+    rows, computed = {}, 0
+    settings_file = out / parts.PARTS / GENERATION
+    by_stem = {it.stem: it for it in folder.items}
+    for s, a, b in tqdm(todo, desc=f"captions {model}", unit="batch"):
         if all(stem in done for stem in stems[s][a:b]):
             rows.update({stem: done[stem] for stem in stems[s][a:b]})
             continue
-        if loaded is None or loaded[0] != s:
-            shard = read_shard(shard_list[s])
-            recon_pre = None
-            if recon:
-                recon_shard = read_shard(recon_list[s])
-                if recon_shard.stems != shard.stems:
-                    raise SystemExit(f"{recon_list[s]}: stems differ from {shard_list[s]}; "
-                                     f"rerun `dvc repro recon_export@{model}`")
-                recon_pre = recon_shard.pre
-            loaded = (s, shard.post, recon_pre, match_images(folder, shard.stems, str(shard_list[s])))
-        _, post, recon_pre, items = loaded
-        batch = items[a:b]
-        paths = [it.path for it in batch]
+        batch = match_images(folder, stems[s][a:b], str(shard_list[s]))
+        images = [load_image(it.path) for it in batch]
+        post = posts[s].read("post", range(a, b))
         got = {"stem": [it.stem for it in batch], "shard": [shard_list[s].name] * len(batch),
-               "post": generate_captions(adapter, paths, post[a:b], batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens)}
-        if recon:
-            got["recon"] = captions_from_recon(adapter, paths, recon_pre[a:b], batch_size=batch_size,
-                                               max_new_tokens=max_new_tokens)
+               "post": adapter.generate(images, post=list(post), max_new_tokens=max_new_tokens)}
+        if recon:  # the LM sees connector(reconstructed E_pre): its captions, and how far it is from E_post
+            post_hat = adapter.connect(list(recons[s].read("pre", range(a, b))))
+            got["recon"] = adapter.generate(images, post=post_hat, max_new_tokens=max_new_tokens)
+            error = [(norm.post_to_z(h) - norm.post_to_z(p)).pow(2).mean().item() for h, p in zip(post_hat, post)]
+            got["recon_post_mse_z"] = [f"{e:.6g}" for e in error]
         rows.update({stem: {c: got[c][i] for c in columns} for i, stem in enumerate(got["stem"])})
-    bar.close()
-    settings_file = out / parts.PARTS / GENERATION
-    if adapter.loaded:  # a run that generated anything records how (a joining run may have generated nothing)
-        settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(adapter.generation_settings(max_new_tokens), indent=2) + "\n")
+        if not settings_file.is_file():  # how the captions were generated, for the joining run
+            write_json(settings_file, adapter.generation_settings(max_new_tokens))
+        parts.write_part(out, (s, a, b), fp, {c: got[c] for c in columns})
+        computed += b - a
+        interrupt.check(f"images {a}-{b} of {shard_list[s].name}")
 
     if workers > 1:  # the table and metrics belong to the joining run
-        order = [stem for s, a, b in todo for stem in stems[s][a:b]]
-        path = parts.write_part(out, worker, workers, fp, {c: [rows[st][c] for st in order] for c in columns})
-        typer.echo(f"captions: {model}: worker {worker}/{workers}: {len(order)} images -> {path} "
-                   f"in {round(time.perf_counter() - start, 2)} s")
+        typer.echo(f"captions: {model}: worker {worker}/{workers}: {computed} images captioned -> {out / parts.PARTS} "
+                   f"in {time.perf_counter() - start:.1f} s")
         return
+    if not settings_file.is_file():
+        write_json(settings_file, adapter.generation_settings(max_new_tokens))
     order = [stem for shard_stems in stems for stem in shard_stems]
     table = {c: [rows[st][c] for st in order] for c in columns}
     write_table(out / "captions.csv", table)
@@ -136,20 +139,18 @@ def main(
     shutil.rmtree(out / parts.PARTS, ignore_errors=True)
 
     n = len(table["stem"])
-    by_stem = {it.stem: it for it in folder.items}
     summary = {"model": spec, "images": n, "generation": generation,
                "missing_references": sum(not by_stem[st].references for st in order),
                "empty_post": sum(not c.strip() for c in table["post"])}
     if recon:
         summary["empty_recon"] = sum(not c.strip() for c in table["recon"])
         summary["recon_equals_post"] = sum(a == b for a, b in zip(table["post"], table["recon"])) / max(n, 1)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
     metrics = metrics or Path("metrics/captions") / f"{model}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    typer.echo(f"captions: {model}: {n} images from {vectors}"
-               f"{' and ' + str(recon_vectors) if recon else ''} -> {out / 'captions.csv'} in {summary['seconds']} s")
+    write_json(metrics, summary)
+    typer.echo(f"captions: {model}: {n} images from {vectors}{' and ' + str(recon_vectors) if recon else ''} -> "
+               f"{out / 'captions.csv'} ({computed} captioned now, {n - computed} kept from earlier parts) in "
+               f"{time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

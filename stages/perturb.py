@@ -16,18 +16,22 @@ most the part it was in; the ledger is removed once every part is done. An image
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import typer
+from tqdm import tqdm
 
-from common import LazyAdapter, load_model, load_params, model_spec
-from conngeo.captions import MODES, PerturbedPosts, generate_captions, perturbation_size, read_table, write_table
+from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
+from conngeo import interrupt
+from conngeo.captions import (MODES, generate_captions, perturb, perturbation_size, read_table, relative_change,
+                              write_table)
 from conngeo.captions import parts
-from conngeo.captions.inputs import match_images, shard_folders
+from conngeo.captions.inputs import match_images
 from conngeo.data.images import scan
-from conngeo.data.vectors import read_shard
+from conngeo.data.vectors import VectorReader, images_within, shard_folders, windows
 
 app = typer.Typer(add_completion=False)
 DONE = "parts.json"
@@ -36,12 +40,6 @@ DONE = "parts.json"
 def digest(matrix: torch.Tensor) -> str:
     """A hash of the matrix's bytes: equal digests, the same perturbed E_post."""
     return hashlib.sha1(matrix.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
 
 
 @app.command()
@@ -70,14 +68,15 @@ def main(
     vectors = vectors or Path("data/vectors") / model
     out = out or Path("data/perturb") / model
 
-    folder = scan(root, on_bad_image=data["on_bad_image"])
+    folder = scan(root)
     adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))  # not loaded if all parts are done
     shard_list = shard_folders(vectors, f"dvc repro extract@{model}")
+    readers = [VectorReader([f], sides=("post",)) for f in shard_list]
+    paths = [[it.path for it in match_images(folder, r.stems, str(f))] for r, f in zip(readers, shard_list)]
+    window = images_within(params["max_window_mb"], readers[0].image_bytes(), at_least=cfg["batch_size"])
     inputs = [f / n for f in shard_list for n in ("index.csv", "post.safetensors")]
     done_file = out / DONE
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
-    shards = [read_shard(f) for f in shard_list]
-    items = [match_images(folder, s.stems, str(f)) for s, f in zip(shards, shard_list)]
     captioned: dict[tuple[str, str], tuple[str, str]] = {}  # (stem, digest of perturbed E_post) -> (part, caption)
     counts = {}
     for mode in pcfg["modes"]:
@@ -86,48 +85,57 @@ def main(
             settings = {"model": spec, "mode": mode, "level": level, "fill": pcfg["mask_fill"], "seed": pcfg["seed"],
                         "max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"]}
             fp = parts.fingerprint(settings, inputs)
+            path = out / mode / str(level) / "captions.csv"
+            kept = read_table(path, required=("caption",))["caption"] if done.get(part) == fp and path.is_file() else None
             table = {k: [] for k in ("stem", "shard", "caption", "changed", "fraction", "relative_change",
                                      "reused_from")}
-            todo = []  # (row, key, image path, perturbed E_post) of the images that need a caption
-            for shard, shard_items, shard_folder in zip(shards, items, shard_list):
-                perturbed = PerturbedPosts(shard.post, shard.stems, mode, level, seed=pcfg["seed"],
-                                           fill=pcfg["mask_fill"])
-                for i, (stem, it) in enumerate(zip(shard.stems, shard_items)):
-                    matrix, post = perturbed[i], shard.post[i]
-                    changed = perturbation_size(post, mode, level)
-                    key = (stem, digest(matrix))
-                    source, caption = captioned.get(key, ("", None))
-                    if not source:
-                        todo.append((len(table["stem"]), key, it.path, matrix))
-                    table["stem"].append(stem)
-                    table["shard"].append(shard_folder.name)
-                    table["caption"].append(caption)
-                    table["changed"].append(changed)
-                    table["fraction"].append(f"{changed / (post.shape[0] if mode == 'mask' else min(post.shape)):.6g}")
-                    table["relative_change"].append(f"{perturbed.relative_changes[i]:.6g}")
-                    table["reused_from"].append(source)
-            path = out / mode / str(level) / "captions.csv"
-            if done.get(part) == fp and path.is_file():  # finished by an earlier, interrupted run
-                new = [read_table(path, required=("caption",))["caption"][row] for row, *_ in todo]
-                status = "kept"
-            else:
-                new = generate_captions(adapter, [p for *_, p, _ in todo], [m for *_, m in todo],
-                                        batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
-                                        desc=f"perturb {model} {part}")
-                status = "captioned"
-            for (row, key, _, _), caption in zip(todo, new):
-                table["caption"][row] = caption
-                captioned[key] = (part, caption)
-            if status == "captioned":
+            new = 0
+            bar = tqdm(total=sum(map(len, readers)), desc=f"perturb {model} {part}", unit="img")
+            for reader, shard_folder, shard_paths in zip(readers, shard_list, paths):
+                for images in windows(list(range(len(reader))), window):
+                    posts = reader.read("post", images)
+                    todo = []  # (row, key, image path, perturbed E_post) of the images that need a caption
+                    for i, post in zip(images, posts):
+                        stem = reader.stems[i]
+                        matrix = perturb(post, mode, level, stem, seed=pcfg["seed"], fill=pcfg["mask_fill"])
+                        changed = perturbation_size(post, mode, level)
+                        key = (stem, digest(matrix))
+                        source, caption = captioned.get(key, ("", None))
+                        if not source:
+                            todo.append((len(table["stem"]), key, shard_paths[i], matrix))
+                        table["stem"].append(stem)
+                        table["shard"].append(shard_folder.name)
+                        table["caption"].append(caption)
+                        table["changed"].append(changed)
+                        table["fraction"].append(f"{changed / (post.shape[0] if mode == 'mask' else min(post.shape)):.6g}")
+                        table["relative_change"].append(f"{relative_change(post, matrix):.6g}")
+                        table["reused_from"].append(source)
+                    if kept is not None:  # finished by an earlier, interrupted run
+                        captions = [kept[row] for row, *_ in todo]
+                    else:
+                        captions = generate_captions(adapter, [p for *_, p, _ in todo], [m for *_, m in todo],
+                                                     batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"])
+                    for (row, key, _, _), caption in zip(todo, captions):
+                        table["caption"][row] = caption
+                        captioned[key] = (part, caption)
+                    new += len(todo)
+                    bar.update(len(images))
+            bar.close()
+            if kept is None:
                 write_table(path, table)
                 done[part] = fp
                 write_json(done_file, done)
-            counts[part] = {"captioned": len(todo), "reused": len(table["stem"]) - len(todo)}
-            typer.echo(f"perturb: {model} {part}: {status}; {len(todo)} images captioned, "
-                       f"{counts[part]['reused']} with the same perturbed E_post as an earlier level reused")
+            counts[part] = {"captioned": new, "reused": len(table["stem"]) - new}
+            typer.echo(f"perturb: {model} {part}: {'kept from an interrupted run' if kept is not None else 'captioned'}; "
+                       f"{new} images captioned, {counts[part]['reused']} reused (the same perturbed E_post as an "
+                       "earlier level)")
+            interrupt.check(f"{part} of {out}")
     done_file.unlink(missing_ok=True)  # all parts done: the ledger (its fingerprints carry file times) goes
+    wanted = {f"{mode}/{level}" for mode in pcfg["modes"] for level in pcfg["levels"]}
+    for stale in sorted(p.parent for p in out.glob("*/*/captions.csv") if f"{p.parent.parent.name}/{p.parent.name}" not in wanted):
+        shutil.rmtree(stale)  # a mode or level no longer in params
     typer.echo(f"perturb: {model}: {len(counts)} parts -> {out} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

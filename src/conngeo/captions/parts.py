@@ -1,12 +1,13 @@
-"""Splitting caption generation over N processes without overlap, and joining their parts.
+"""Caption generation in resumable units, split over N processes without overlap, and the join.
 
 The unit of work is one generate batch: `batch_size` consecutive images of a vector shard, the batches
 of each shard starting at its first image, exactly as a single process batches them. Units of all
-shards, in order, are dealt round-robin to the workers (`my_units`). Worker i writes its rows to its
-own file `parts/<i>of<N>.csv` (through a temporary name), so no file is written by two processes. A
-plain run then reuses every unit whose rows all lie in parts with its fingerprint, computes the rest,
-writes the one table and removes the parts: the same bytes as a single-process run, since every
-caption came from the same batch.
+shards, in order, are dealt round-robin to the workers (`my_units`). Every finished unit is written at
+once to its own file `parts/<shard>-<start>.csv` (through a temporary name), so no file is written by
+two processes and an interrupted run loses at most the unit in progress. A plain run reuses every unit
+whose rows all lie in parts with its fingerprint, computes the rest, writes the one table and removes
+the parts: the same bytes as an uninterrupted single-process run, since every caption came from the
+same batch.
 
 A part's fingerprint covers what its captions depend on: the model spec, the generation settings,
 and the size and modification time of every vector file read. Comparing times is conservative: a
@@ -46,14 +47,14 @@ def fingerprint(settings: dict, files: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def part_path(out: Path, worker: int, workers: int) -> Path:
-    return Path(out) / PARTS / f"{worker}of{workers}.csv"
+def part_path(out: Path, unit: tuple[int, int, int]) -> Path:
+    return Path(out) / PARTS / f"{unit[0]:03d}-{unit[1]:07d}.csv"
 
 
-def write_part(out: Path, worker: int, workers: int, fp: str, columns: dict[str, list]) -> Path:
-    """Worker `worker`'s rows (`columns` as for write_table), stamped with `fp` on every row."""
+def write_part(out: Path, unit: tuple[int, int, int], fp: str, columns: dict[str, list]) -> Path:
+    """The rows of one finished unit (`columns` as for write_table), stamped with `fp` on every row."""
     n = len(next(iter(columns.values()), []))
-    path = part_path(out, worker, workers)
+    path = part_path(out, unit)
     write_table(path, {**columns, "fingerprint": [fp] * n})
     return path
 

@@ -11,6 +11,13 @@ both are counted, and only the other pairs reach bert-score. Several references 
 five) use bert-score's multi-reference form; an image without references gets no score (NaN) and is
 counted, never scored 0.
 
+Without idf weighting, every distinct sentence is embedded once (`prepare`) and every distinct
+(candidate, reference) pair is scored once, with bert-score's own functions, and kept: a study's caption
+sets share most of their captions (a perturbation often leaves a caption as it was), so each pair is
+computed once however often it occurs, and the same pair scores exactly the same wherever it occurs.
+Multi-reference: the elementwise max of P, R and F1 over the references, then the baseline rescaling,
+as bert_score.score does.
+
 `info()` records what produced the numbers: bert-score's hash string (with the model folder's local
 path replaced by the model's name, since the package embeds the absolute path), the model name,
 num_layers, idf, rescaling and the package versions (the hash's own version field lags the package).
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
@@ -90,6 +98,44 @@ class BERTScore:
         if rescale_with_baseline and not os.path.isfile(self.scorer.baseline_path):
             raise ValueError(f"bert-score has no rescale baseline for {model!r} ({self.scorer.baseline_path}); "
                              "set rescale_with_baseline false or use a model it has one for, e.g. roberta-large")
+        self._embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sentence -> (token embeddings, idf)
+        self._pairs: dict[tuple[str, str], torch.Tensor] = {}  # (candidate, reference) -> (P, R, F1) unrescaled
+
+    @property
+    def pairs_computed(self) -> int:
+        return len(self._pairs)
+
+    def prepare(self, sentences) -> None:
+        """Embed every distinct sentence not embedded yet, longest first in batches (as bert-score orders
+        them). Embedding all of a study's sentences once, before scoring, makes a pair's score the same
+        wherever the pair occurs: the sentences' embeddings do not depend on the call they are scored in."""
+        from bert_score.utils import get_bert_embedding
+
+        new = sorted({s for s in sentences if not is_empty(s)} - set(self._embeddings),
+                     key=lambda x: (-len(x.split(" ")), x))
+        idf = defaultdict(lambda: 1.0)
+        idf[self.scorer._tokenizer.sep_token_id] = 0
+        idf[self.scorer._tokenizer.cls_token_id] = 0
+        for start in range(0, len(new), self.batch_size):
+            batch = new[start:start + self.batch_size]
+            emb, mask, padded_idf = get_bert_embedding(batch, self.scorer._model, self.scorer._tokenizer, idf,
+                                                       device=self.scorer.device)
+            for i, sentence in enumerate(batch):
+                n = int(mask[i].sum())
+                self._embeddings[sentence] = (emb[i, :n].cpu(), padded_idf[i, :n].cpu())
+
+    def _pair(self, candidate: str, reference: str) -> torch.Tensor:
+        """(P, R, F1) of one pair, computed once (bert-score's greedy matching on the cached embeddings)."""
+        key = (candidate, reference)
+        if key not in self._pairs:
+            from bert_score.utils import greedy_cos_idf
+
+            self.prepare(key)
+            (ref, ref_idf), (hyp, hyp_idf) = self._embeddings[reference], self._embeddings[candidate]
+            p, r, f = greedy_cos_idf(ref[None].clone(), torch.ones(1, len(ref)), ref_idf[None].clone(),
+                                     hyp[None].clone(), torch.ones(1, len(hyp)), hyp_idf[None].clone())
+            self._pairs[key] = torch.stack([p[0], r[0], f[0]])
+        return self._pairs[key]
 
     @property
     def num_layers(self) -> int:
@@ -114,15 +160,21 @@ class BERTScore:
                              dtype=torch.bool) & ~no_reference
         out = {key: torch.zeros(n, dtype=torch.float64) for key in ("P", "R", "F1")}
         keep = (~empty & ~no_reference).nonzero().flatten().tolist()
-        if keep:
+        if keep and self.idf:  # idf weights come from each call's references (as bert_score.score does)
             cands = [candidates[i] for i in keep]
             refs = [groups[i][0] for i in keep] if single else [groups[i] for i in keep]
-            if self.idf:
-                self.scorer._idf_dict = None  # fresh idf from this call's references, as bert_score.score does
-                self.scorer.compute_idf(refs if single else [t for g in refs for t in g])
+            self.scorer._idf_dict = None
+            self.scorer.compute_idf(refs if single else [t for g in refs for t in g])
             p, r, f = self.scorer.score(cands, refs, batch_size=self.batch_size)
             for key, values in zip(("P", "R", "F1"), (p, r, f)):
                 out[key][keep] = values.double()
+        elif keep:  # every distinct (candidate, reference) pair scored once, then the max over references
+            for i in keep:
+                best = torch.stack([self._pair(candidates[i], ref) for ref in groups[i]]).max(dim=0).values
+                if self.scorer.rescale_with_baseline:
+                    best = (best - self.scorer.baseline_vals) / (1 - self.scorer.baseline_vals)
+                for k, key in enumerate(("P", "R", "F1")):
+                    out[key][i] = best[k].double()
         both = torch.tensor([single and is_empty(c) and is_empty(g[0]) for c, g in zip(candidates, groups)],
                             dtype=torch.bool)
         for key in ("P", "R", "F1"):
