@@ -1,25 +1,29 @@
-"""Stage knn: neighbourhood overlap of E_pre vs E_post, each against the reference spaces, and spectra."""
+"""Stage knn: the geometry of one model's E_pre and E_post, per image and per dataset.
 
-import json
+    neighbourhoods   KNOR, kNN Jaccard and mutual kNN of pre vs post and of each against every reference
+                     space; linear CKA and the orthogonal Procrustes residual per pair
+    distortion       per image, how unevenly E_pre -> E_post stretches the distances to its neighbours
+    spectra          effective rank and top-k energy per image (token matrix) and per dataset (pooled)
+    probes           linear probes of the ground-truth attributes (conngeo.data.targets) from pooled
+                     E_pre and E_post: what the connector keeps and loses in the world's own terms
+
+Writes data/knn/<model>/per_image.csv, data/knn/<model>/probes.csv and metrics/knn/<model>.json. The
+vectors are pooled a window of images at a time (params max_window_mb).
+"""
+
 from pathlib import Path
 
 import pandas as pd
 import torch
 import typer
 
-from common import load_params
-from conngeo.data.vectors import is_complete, read_embeddings, read_vectors
-from conngeo.geometry import pool
-from conngeo.geometry.compare import compare_spaces, spectra_summary
+from common import load_params, run, write_json
+from conngeo.data.targets import probe_targets
+from conngeo.data.vectors import VectorReader, images_within, read_embeddings, shard_folders, windows
+from conngeo.geometry import knn, local_distortion_per_image, pool, probe_table
+from conngeo.geometry.compare import compare_spaces, dataset_spectra, image_spectra
 
 app = typer.Typer(add_completion=False)
-
-
-def shard_folders(root: Path) -> list[Path]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders or not all(is_complete(f) for f in folders):
-        raise SystemExit(f"{root}: missing or incomplete vector shards; run `dvc repro extract` first")
-    return folders
 
 
 @app.command()
@@ -30,41 +34,56 @@ def main(
     out: Path = typer.Option(None, help="per-image CSV folder (default data/knn/<model>)"),
     metrics: Path = typer.Option(None, help="default metrics/knn/<model>.json"),
 ):
-    """pre vs post, pre/post vs each reference, at every k of params knn.ks (clipped to N-1)."""
+    """pre vs post, pre/post vs each reference, at every k of params knn.ks (clipped to N-1); spectra; probes."""
     params = load_params()
     cfg = params["knn"]
-    shard = read_vectors(shard_folders(vectors or Path("data/vectors") / model))
-    name = str(vectors or Path("data/vectors") / model)
-    spaces = {"pre": pool(shard.pre, cfg["pooling"], name=f"{name} pre"),
-              "post": pool(shard.post, cfg["pooling"], name=f"{name} post")}
+    vectors = vectors or Path("data/vectors") / model
+    reader = VectorReader(shard_folders(vectors, f"dvc repro extract@{model}"))
+    pooled, spectra_rows = {"pre": [], "post": []}, []
+    for part in windows(range(len(reader)), images_within(params["max_window_mb"], reader.image_bytes())):
+        mats = {side: reader.read_list(side, part) for side in ("pre", "post")}
+        for side in pooled:
+            pooled[side].append(pool(mats[side], cfg["pooling"], name=f"{vectors} {side}"))
+        spectra_rows.append(image_spectra(mats, cfg["top_k_energy"]))
+    spaces = {side: torch.cat(v) for side, v in pooled.items()}
     pairs = [("pre", "post")]
     for ref in params["references"]["spaces"]:
         folder = refs / ref
         stems, emb = read_embeddings(sorted(p for p in folder.iterdir() if p.is_dir()))
         position = {s: i for i, s in enumerate(stems)}
-        missing = [s for s in shard.stems if s not in position]
+        missing = [s for s in reader.stems if s not in position]
         if missing:
             raise SystemExit(f"{folder}: no embedding for {len(missing)} images (e.g. {missing[:3]}); "
                              "rerun `dvc repro references` on the same images")
-        spaces[ref] = emb[torch.tensor([position[s] for s in shard.stems])].float()
+        spaces[ref] = emb[torch.tensor([position[s] for s in reader.stems])].float()
         pairs += [("pre", ref), ("post", ref)]
 
     per_image, summary = compare_spaces(spaces, pairs, cfg["ks"], metric=cfg["metric"],
                                         max_block_bytes=cfg["max_block_mb"] << 20)
-    spectra_rows, spectra = spectra_summary({"pre": shard.pre, "post": shard.post},
-                                            {"pre": spaces["pre"], "post": spaces["post"]}, cfg["top_k_energy"])
-    summary["spectra"] = spectra
+    neighbours = knn(spaces["pre"], summary["ks"][-1], metric=cfg["metric"], max_block_bytes=cfg["max_block_mb"] << 20)
+    for k in summary["ks"]:
+        per_image[f"distortion@{k}"] = local_distortion_per_image(spaces["pre"], spaces["post"], neighbours, k)
+    spectra = {key: torch.cat([rows[key] for rows in spectra_rows]) for key in spectra_rows[0]}
+    summary["spectra"] = {**{f"{key}_mean": float(values.mean()) for key, values in spectra.items()},
+                          **dataset_spectra({"pre": spaces["pre"], "post": spaces["post"]}, cfg["top_k_energy"])}
     out = out or Path("data/knn") / model
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame({"stem": shard.stems, **{k: v.numpy() for k, v in {**per_image, **spectra_rows}.items()}})
+    table = pd.DataFrame({"stem": reader.stems, **{k: v.numpy() for k, v in {**per_image, **spectra}.items()}})
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
+
+    targets = probe_targets(params["data"]["root"], reader.stems)
+    probes = pd.DataFrame(probe_table({"pre": spaces["pre"], "post": spaces["post"]}, targets, seed=cfg["probe_seed"])
+                          if targets else [], columns=["space", "target", "kind", "metric", "score", "chance", "n"])
+    probes[["space", "target", "kind", "metric", "score", "chance", "n"]].to_csv(out / "probes.csv", index=False,
+                                                                                 float_format="%.6g")
+    summary["probes"] = {f"{r.space}:{r.target}": r.score for r in probes.itertuples()}
     metrics = metrics or Path("metrics/knn") / f"{model}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(metrics, summary)
     pp = summary["pairs"]["pre_post"]
     typer.echo(f"knn: {model}: N={summary['images']}, " + ", ".join(
-        f"KNOR@{k} pre/post {pp[f'knor@{k}']:.3f} (chance {pp[f'chance@{k}']:.3f})" for k in summary["ks"]))
+        f"KNOR@{k} pre/post {pp[f'knor@{k}']:.3f} (chance {pp[f'chance@{k}']:.3f})" for k in summary["ks"])
+        + f"; {len(targets)} probe targets")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

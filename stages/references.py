@@ -1,15 +1,20 @@
 """Stage references: one embedding per image from an outside view (CLIP, DINO, or the toy world's
-ground-truth attributes), into data/refs/<space>/<shard>/."""
+ground-truth attributes), into data/refs/<space>/<shard>/, and data/refs/<space>/probes.csv: how well
+linear probes read the ground-truth attributes from it (conngeo.data.targets), beside chance: a
+reference space that carries little of them says little when E_pre or E_post is compared with it."""
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 import typer
 from tqdm import tqdm
 
-from common import load_params, load_reference_model, reference_spec
-from conngeo.data.images import load_image, scan
-from conngeo.data.vectors import write_embeddings
+from common import load_params, load_reference_model, reference_spec, run
+from conngeo.data.images import decode, scan
+from conngeo.data.targets import probe_targets
+from conngeo.data.vectors import read_embeddings, write_embeddings
+from conngeo.geometry import probe_table
 from conngeo.models.references import attribute_embedding
 
 app = typer.Typer(add_completion=False)
@@ -28,19 +33,33 @@ def main(
     spec = reference_spec(space, params)
     root = root or Path(data["root"])
     out = out or Path("data/refs") / space
-    folder = scan(root, on_bad_image=data["on_bad_image"])
-    if spec["kind"] == "attributes":
-        embed = lambda items: attribute_embedding(Path(spec["source"]), [it.stem for it in items])  # noqa: E731
-    else:
-        reference = load_reference_model(spec, device or params["device"])
-        embed = lambda items: reference.embed([load_image(it.path) for it in items])  # noqa: E731
-    bs = cfg["batch_size"]
+    folder = scan(root)
+    reference = None if spec["kind"] == "attributes" else load_reference_model(spec, device or params["device"])
+    bs, written, skipped = cfg["batch_size"], 0, []
     for shard in folder.shards:
+        stems, batches = [], []
         items = folder.shard(shard)
-        batches = [embed(items[i:i + bs]) for i in tqdm(range(0, len(items), bs), desc=f"references {space} {shard}")]
-        write_embeddings(out / shard, [it.stem for it in items], torch.cat(batches))
-    typer.echo(f"references: {space}: {len(folder)} images from {root} -> {out}")
+        for i in tqdm(range(0, len(items), bs), desc=f"references {space} {shard}"):
+            # the images the extraction skips as unreadable are skipped here too (the same decode)
+            kept, images, bad = decode(items[i:i + bs], data["on_bad_image"])
+            skipped += bad
+            stems += [it.stem for it in kept]
+            if kept:
+                batches.append(attribute_embedding(Path(spec["source"]), [it.stem for it in kept]) if reference is None
+                               else reference.embed(images))
+        write_embeddings(out / shard, stems, torch.cat(batches))
+        written += len(stems)
+    for path, why in skipped:
+        typer.echo(f"references: skipped unreadable image {path}: {why}")
+    # how much of the ground truth this outside view carries (conngeo.data.targets), beside chance
+    stems, emb = read_embeddings([out / shard for shard in folder.shards])
+    targets = probe_targets(root, stems)
+    probes = pd.DataFrame(probe_table({space: emb}, targets, seed=params["knn"]["probe_seed"]) if targets else [],
+                          columns=["space", "target", "kind", "metric", "score", "chance", "n"])
+    probes[["space", "target", "kind", "metric", "score", "chance", "n"]].to_csv(out / "probes.csv", index=False,
+                                                                                 float_format="%.6g")
+    typer.echo(f"references: {space}: {written} images from {root} -> {out}; {len(targets)} probe targets")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -1,9 +1,9 @@
-"""compare_spaces / spectra_summary: the knn stage's numbers, against direct per-pair computations."""
+"""compare_spaces / image_spectra / dataset_spectra: the knn stage's numbers, against direct per-pair computations."""
 
 import torch
 
-from conngeo.geometry import knn, knor_chance
-from conngeo.geometry.compare import compare_spaces, spectra_summary
+from conngeo.geometry import knor_chance
+from conngeo.geometry.compare import compare_spaces, dataset_spectra, image_spectra
 
 
 def brute_knor(x, y, k):
@@ -34,11 +34,11 @@ def test_compare_spaces_matches_brute_force():
     assert 0 < summary["pairs"]["pre_post"]["cka"] <= 1
 
 
-def test_spectra_summary_hand_case():
+def test_spectra_hand_case():
     eye = [torch.eye(4), torch.eye(4)]
     rank1 = [torch.ones(3, 4), 2 * torch.ones(5, 4)]
-    per_image, summary = spectra_summary({"pre": eye, "post": rank1},
-                                         {"pre": torch.eye(4), "post": torch.ones(4, 4)}, top_k=1)
+    per_image = image_spectra({"pre": eye, "post": rank1}, top_k=1)
+    summary = dataset_spectra({"pre": torch.eye(4), "post": torch.ones(4, 4)}, top_k=1)
     assert torch.allclose(per_image["erank_pre"], torch.tensor([4.0, 4.0], dtype=torch.float64))
     assert torch.allclose(per_image["erank_post"], torch.tensor([1.0, 1.0], dtype=torch.float64))
     assert torch.allclose(per_image["energy@1_pre"], torch.tensor([0.25, 0.25], dtype=torch.float64))

@@ -81,7 +81,10 @@ def test_bootstrap_counts_constant_resamples_as_no_association():
 
 # --- tables ----------------------------------------------------------------------------------
 
-def synthetic_tables(n=60, seed=0, models=("llava", "qwen2_5vl")):
+MEASURES = tables.measures(["mask"], [0.5])
+
+
+def synthetic_tables(n=80, seed=0, models=("llava", "qwen2_5vl")):
     """Per-image tables as tables.per_image() builds them: in the first model the instability follows
     the reconstruction error; everything else is noise, and one measure is constant."""
     rng = np.random.default_rng(seed)
@@ -90,66 +93,81 @@ def synthetic_tables(n=60, seed=0, models=("llava", "qwen2_5vl")):
         mse = rng.gamma(2.0, 0.3, size=n)
         out[model] = pd.DataFrame({
             "stem": [f"s{i:03d}" for i in range(n)],
-            "split": np.where(np.arange(n) % 5 == 0, "train", "val"),
+            "split": np.where(np.arange(n) % 5 == 0, "train", "test"),
             "knor_change": rng.uniform(0, 1, size=n),
-            "recon_mse": mse,
-            "recon_cosine_loss": rng.uniform(0, 0.2, size=n),
             "erank_drop": rng.normal(size=n),
+            "distortion": rng.uniform(0, 1, size=n),
+            "recon_mse": mse,
+            "lm_error": rng.gamma(2.0, 0.1, size=n),
+            "recon_cosine_loss": rng.uniform(0, 0.2, size=n),
             "bertscore_instability": (mse if j == 0 else 0) + 0.1 * rng.normal(size=n),
             "clipscore_drop": rng.normal(size=n),
             "attribute_error_change": np.zeros(n),                 # constant: undefined correlation
+            "mask_instability": np.where(np.arange(n) < 5, rng.uniform(0.1, 1, size=n), 0.0),  # m = 5
             "erank_post": rng.uniform(2, 9, size=n),
             "clipscore_post": rng.uniform(0.3, 0.9, size=n),
         })
     return out
 
 
-def test_question_matches_scipy_and_the_text_says_distinct_exactly_when_the_ci_excludes_zero():
+def test_questions_match_scipy_and_the_verdicts_follow_the_rule():
+    from scipy.stats import false_discovery_control
+
     per = synthetic_tables()
-    q = tables.question(per, n_boot=200, seed=0, split="val")
-    assert len(q) == 2 * len(tables.GEOMETRY) * len(tables.INSTABILITY)
+    q = tables.question(per, MEASURES, n_perm=999, n_boot=200, seed=0, min_changed=15)
+    geometry = {name: [x.name for x in MEASURES if x.kind == "geometry" and name in x.questions] for name in tables.QUESTIONS}
+    instability = {name: [x.name for x in MEASURES if x.kind == "instability" and name in x.questions]
+                   for name in tables.QUESTIONS}
+    assert len(q) == 2 * sum(len(geometry[n]) * len(instability[n]) for n in tables.QUESTIONS)
     for _, row in q.iterrows():
         t = per[row["model"]]
-        t = t[t["split"] == "val"]
+        t = t[t["split"] == "test"] if row["question"] == "reconstruction" else t  # the question's images
         if row["instability"] == "attribute_error_change":
-            assert math.isnan(row["rho"])
+            assert math.isnan(row["rho"]) and row["verdict"] == "too few changed images"  # m = 0
             continue
-        ref = spearmanr(t[row["geometry"]], t[row["instability"]])
-        assert row["n"] == len(t)
-        assert row["rho"] == pytest.approx(ref.statistic) and row["p"] == pytest.approx(ref.pvalue)
-        assert row["distinct"] == (row["low"] > 0 or row["high"] < 0)
+        assert row["n"] == len(t) and row["m"] == int((t[row["instability"]] != 0).sum())
+        assert row["rho"] == pytest.approx(spearmanr(t[row["geometry"]], t[row["instability"]]).statistic)
+    defined = q["p"].notna()
+    assert np.allclose(q.loc[defined, "q"], false_discovery_control(q.loc[defined, "p"], method="bh"))
+    assert (q.loc[q["m"] < 15, "verdict"] == "too few changed images").all()  # mask_instability: m = 5
+    assert ((q["m"] >= 15) & q["rho"].notna() & (q["q"] <= 0.05) == (q["verdict"] == "distinguishable")).all()
     planted = q[(q["model"] == "llava") & (q["geometry"] == "recon_mse") & (q["instability"] == "bertscore_instability")]
-    assert planted["distinct"].item() and planted["low"].item() > 0.5
+    assert planted["verdict"].item() == "distinguishable" and planted["low"].item() > 0.5
 
-    text = tables.question_text(q, "val", 200, k=10)
+    text = tables.question_text(q, MEASURES, 999, 200, k=10, alpha=0.05, min_changed=15)
     for _, row in q.iterrows():
-        line = next(li for li in text.splitlines() if li.startswith(f"- {row['geometry']} vs {row['instability']}: ")
-                    and li in text.split(f"## {row['model']}")[1].split("## ")[0])
-        if math.isnan(row["rho"]):
-            assert "undefined" in line
-        else:
-            assert f"[{row['low']:+.3f}, {row['high']:+.3f}]" in line
-            assert line.endswith(": distinguishable from zero") == bool(row["distinct"])
-            assert line.endswith(": not distinguishable from zero") == (not row["distinct"])
-    for model in per:
-        count = int(q[q["model"] == model]["distinct"].sum())
-        assert f"{count} of {len(q[q['model'] == model])} correlations are distinguishable from zero (" in text
+        section = text.split(f"## The {row['question']} question")[1].split("## The ")[0]
+        line = next(li for li in section.split(f"### {row['model']}")[1].split("### ")[0].splitlines()
+                    if li.startswith(f"- {row['geometry']} vs {row['instability']}: "))
+        assert line.endswith(row["verdict"]) and f"m = {row['m']}" in line
+    assert f"{int((q['verdict'] == 'distinguishable').sum())} of {len(q)} correlations are distinguishable" in text
 
 
-def test_sensitivity_is_the_mean_drop_by_the_trapezoid_rule():
-    curve = pd.DataFrame({"level": [0.0, 0.1, 0.5], "clipscore": [0.8, 0.6, 0.2]})
-    # drops 0, 0.2, 0.6: area 0.1*(0+0.2)/2 + 0.4*(0.2+0.6)/2 = 0.01 + 0.16 = 0.17, per unit level / 0.5
-    assert tables.sensitivity(curve, "clipscore") == pytest.approx(0.34)
-    flat = curve.assign(clipscore=0.8)
-    assert tables.sensitivity(flat, "clipscore") == 0.0
+def test_actual_fraction_curves_drop_duplicate_levels_and_integrate_exactly():
+    # levels 0.01-0.25 mask the same 1 of 4 tokens: one point at 0.25; level 0.5 masks 2 of 4
+    f, s = tables.fraction_curve([0.25, 0.25, 0.25, 0.5], [0.8, 0.8, 0.8, 0.4], start=1.0)
+    assert f.tolist() == [0.0, 0.25, 0.5] and s.tolist() == pytest.approx([1.0, 0.8, 0.4])
+    # drops 0, 0.2, 0.6: area 0.25 * 0.1 + 0.25 * 0.4 = 0.125, per unit fraction / 0.5
+    assert tables.area_drop(f, s, 0.5) == pytest.approx(0.25)
+    # up to 0.4: the curve interpolated at 0.4 (0.56): 0.25 * 0.1 + 0.15 * (0.2 + 0.44) / 2 = 0.073, / 0.4
+    assert tables.area_drop(f, s, 0.4) == pytest.approx((0.025 + 0.048) / 0.4)
+    assert math.isnan(tables.area_drop(f, s, 0.6))  # the curve does not reach it
+    assert tables.area_drop(f, np.full(3, 1.0), 0.5) == 0.0
 
 
-def test_curves_start_at_the_unperturbed_caption():
-    summary = pd.DataFrame({"set": ["post", "recon", "mask_0.5"], "clipscore": [0.8, 0.7, 0.4],
-                            "stability_f1": [np.nan, 0.9, 0.5], "truth_exact": [0.5, 0.4, 0.1]})
-    c = tables.curves({"m": summary}, ["mask"], [0.5])
-    assert c["level"].tolist() == [0.0, 0.5]
-    assert c["clipscore"].tolist() == [0.8, 0.4] and c["stability_f1"].tolist() == [1.0, 0.5]
+def test_curves_and_sensitivity_on_the_actual_fraction():
+    post = pd.DataFrame({"clipscore": [0.8, 0.6], "caption": ["a", "b"]}, index=["x", "y"])
+    sets = {f"mask_{lv}": pd.DataFrame({"fraction": [fr, fr], "clipscore": [c, c], "stability_f1": [st, st]},
+                                       index=["x", "y"])
+            for lv, fr, c, st in ((0.1, 0.25, 0.5, 0.9), (0.25, 0.25, 0.5, 0.9), (0.5, 0.5, 0.3, 0.5))}
+    m = tables.ModelInputs("m", None, {}, None, None, {}, None, None, {"post": post, **sets}, None)
+    c = tables.curves({"m": m}, ["mask"], [0.1, 0.25, 0.5])
+    assert c["fraction"].tolist() == [0.0, 0.25, 0.5] and c["levels"].tolist() == ["0", "0.1 0.25", "0.5"]
+    assert c["clipscore"].tolist() == pytest.approx([0.7, 0.5, 0.3]) and c["stability_f1"].tolist()[0] == 1.0
+    assert tables.sensitivity(c, "clipscore", 0.5) == pytest.approx((0.25 * 0.1 + 0.25 * 0.3) / 0.5)
+    # per image: 1 - F1 over the same fractions
+    assert tables.image_instability(m, "mask", [0.1, 0.25, 0.5], 0.5).tolist() == pytest.approx(
+        [(0.25 * 0.05 + 0.25 * (0.1 + 0.5) / 2) / 0.5] * 2)
 
 
 def test_markdown_table():
@@ -166,30 +184,34 @@ def is_png(path: Path) -> bool:
 def test_every_figure_renders_from_fixture_tables(tmp_path):
     per = synthetic_tables()
     images = pd.concat([t.assign(model=m) for m, t in per.items()], ignore_index=True)
-    q = tables.question(per, n_boot=50, seed=0)
+    q = tables.question(per, MEASURES, n_perm=99, n_boot=50, seed=0)
     means = pd.DataFrame([{"model": m, "set": s, "score": sc, "mean": 0.5, "low": 0.4, "high": 0.6, "n": 10}
                           for m in per for s in ("post", "recon") for sc in ("clipscore", "bertscore_f1")])
     knor = pd.DataFrame([{"model": m, "pair": p, "k": k, "knor": 0.5, "chance": k / 59}
                          for m in per for p in ("pre_post", "pre_clip", "post_clip") for k in (5, 10)])
-    curves = pd.DataFrame([{"model": m, "mode": mode, "level": lv, "clipscore": 0.8 - lv, "stability_f1": 1 - lv}
-                           for m in per for mode in ("mask", "lowrank") for lv in (0.0, 0.1, 0.5)])
+    curves = pd.DataFrame([{"model": m, "mode": mode, "fraction": f, "clipscore": 0.8 - f, "stability_f1": 1 - f}
+                           for m in per for mode in ("mask", "lowrank") for f in (0.0, 0.25, 0.5)])
     patch = pd.DataFrame([{"model": m, "image": im, "row": r, "col": c, "mse_z": r + c}
-                          for m in per for im in ("val_mean", "a") for r in range(3) for c in range(3)])
+                          for m in per for im in ("test_mean", "a") for r in range(3) for c in range(3)])
+    probes = pd.DataFrame([{"model": m, "target": t, "metric": "accuracy", "pre": 0.9, "post": 0.7, "loss": 0.2,
+                            "chance": 0.5, "clip": 0.8} for m in per for t in ("kind:apple", "plate")])
     made = {
         "caption_scores": lambda p: figures.caption_scores(means, p),
         "score_vs_error": lambda p: figures.score_vs_error(images, p),
         "knor": lambda p: figures.knor(knor, p),
         "erank_clipscore": lambda p: figures.erank_clipscore(images, p),
-        "perturbation_mask": lambda p: figures.perturbation(curves, "mask", p),
+        "perturbation_mask": lambda p: figures.perturbation(curves, "mask", p, 0.5),
         "patch_loss": lambda p: figures.patch_loss(patch, p),
         "patch_loss_empty": lambda p: figures.patch_loss(patch.iloc[:0], p),
-        "question": lambda p: figures.question_heatmap(q, p),
+        "question": lambda p: figures.question_heatmap(q[q["question"] == "reconstruction"], p, "reconstruction"),
+        "question_perturbation": lambda p: figures.question_heatmap(q[q["question"] == "perturbation"], p, "perturb"),
+        "probes": lambda p: figures.probes(probes, p),
     }
     for name, draw in made.items():
         draw(tmp_path / f"{name}.png")
         assert is_png(tmp_path / f"{name}.png"), name
     # the same tables give the same bytes
-    figures.question_heatmap(q, tmp_path / "again.png")
+    figures.question_heatmap(q[q["question"] == "reconstruction"], tmp_path / "again.png", "reconstruction")
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "question.png").read_bytes()
 
 
@@ -197,13 +219,14 @@ def test_every_figure_renders_from_fixture_tables(tmp_path):
 
 DECLARED = ["summary.csv", "summary.md", "question.csv", "question.md",
             "series/caption_scores.csv", "series/per_image.csv", "series/knor.csv", "series/perturbation.csv",
-            "series/patch_loss.csv", "figures/caption_scores.png", "figures/score_vs_error.png", "figures/knor.png",
-            "figures/erank_clipscore.png", "figures/patch_loss.png", "figures/question.png"]
+            "series/patch_loss.csv", "series/probes.csv", "figures/caption_scores.png", "figures/score_vs_error.png",
+            "figures/knor.png", "figures/erank_clipscore.png", "figures/patch_loss.png", "figures/question.png",
+            "figures/question_perturbation.png", "figures/probes.png"]
 
 
 def report_on_sample(out: Path) -> Path:
-    proc = subprocess.run([sys.executable, "stages/report.py", "--inputs", "sample", "--out", out, "--bootstrap", "100"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "stages/report.py", "--inputs", "sample", "--out", out, "--bootstrap", "100",
+                           "--permutations", "999"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -236,8 +259,6 @@ def test_stage_on_the_sample_writes_every_declared_output(sample_report, tmp_pat
         metrics = json.loads((SAMPLE / "metrics/knn" / f"{row['model']}.json").read_text())
         for k in metrics["ks"]:
             assert row[f"knor_pre_post@{k}"] == pytest.approx(metrics["pairs"]["pre_post"][f"knor@{k}"], rel=1e-5)
-    q = pd.read_csv(out / "question.csv")
-    assert len(q) == len(params["models"]) * len(tables.GEOMETRY) * len(tables.INSTABILITY)
     # the same inputs and seed give the same correlations and the same figures
     again = report_on_sample(tmp_path / "r2")
     for rel in ("question.csv", "summary.csv", "figures/question.png"):
@@ -250,48 +271,53 @@ def test_stage_help():
 
 
 def test_per_image_measures_from_upstream_tables_by_hand():
-    knn = pd.DataFrame({"stem": ["a", "b"], "knor_pre_post@5": [0.8, 0.2], "erank_pre": [10.0, 6.0],
-                        "erank_post": [7.0, 6.5]})
-    recon = pd.DataFrame({"stem": ["b", "a"], "split": ["val", "train"], "mse_z": [0.3, 0.1], "cosine": [0.9, 0.6]})
-    post = pd.DataFrame({"stem": ["a", "b"], "clipscore": [0.7, 0.5], "truth_kinds": [1, np.nan],
-                         "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]})
-    rec = pd.DataFrame({"stem": ["a", "b"], "clipscore": [0.4, 0.6], "stability_f1": [0.75, 1.0],
-                        "truth_kinds": [0, np.nan], "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]})
-    m = tables.ModelInputs("m", knn, {}, recon, {}, None, {"post": post, "recon": rec}, pd.DataFrame())
-    t = tables.per_image(m, 5)
-    assert t["stem"].tolist() == ["a", "b"] and t["split"].tolist() == ["train", "val"]  # aligned by stem
-    assert t["knor_change"].tolist() == pytest.approx([0.2, 0.8])
+    idx = ["a", "b"]
+    knn = pd.DataFrame({"knor_pre_post@5": [0.8, 0.2], "distortion@5": [0.1, 0.3], "erank_pre": [10.0, 6.0],
+                        "erank_post": [7.0, 6.5]}, index=idx)
+    recon = pd.DataFrame({"split": ["test", "train"], "mse_z": [0.1, 0.3], "cosine": [0.6, 0.9]}, index=["a", "b"])
+    captions = pd.DataFrame({"recon_post_mse_z": [0.05, 0.5]}, index=idx)
+    post = pd.DataFrame({"clipscore": [0.7, 0.5], "truth_kinds": [1, np.nan], "truth_counts": [1, np.nan],
+                         "truth_colours": [0, np.nan]}, index=idx)
+    rec = pd.DataFrame({"clipscore": [0.4, 0.6], "stability_f1": [0.75, 1.0], "truth_kinds": [0, np.nan],
+                        "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]}, index=idx)
+    mask = pd.DataFrame({"fraction": [0.5, 0.5], "stability_f1": [0.5, 1.0]}, index=idx)
+    m = tables.ModelInputs("m", knn, {}, None, recon.loc[["b", "a"]], {}, None, captions,
+                           {"post": post, "recon": rec, "mask_0.5": mask}, None)
+    t = tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}})
+    assert t["stem"].tolist() == ["a", "b"] and t["split"].tolist() == ["test", "train"]  # aligned by stem
+    assert t["knor_change"].tolist() == pytest.approx([0.2, 0.8]) and t["distortion"].tolist() == [0.1, 0.3]
     assert t["recon_mse"].tolist() == [0.1, 0.3] and t["recon_cosine_loss"].tolist() == pytest.approx([0.4, 0.1])
-    assert t["erank_drop"].tolist() == [3.0, -0.5]
+    assert t["lm_error"].tolist() == [0.05, 0.5] and t["erank_drop"].tolist() == [3.0, -0.5]
     assert t["bertscore_instability"].tolist() == [0.25, 0.0]
     assert t["clipscore_drop"].tolist() == pytest.approx([0.3, -0.1])
     # a: post gets colours wrong (1 error), recon kinds and colours (2): +1; b: reference not toy-world
     assert t["attribute_error_change"].iloc[0] == 1.0 and math.isnan(t["attribute_error_change"].iloc[1])
+    # mask: stability 0.5 at fraction 0.5 (a): mean of 1 - F1 over [0, 0.5] = (0 + 0.5) / 2
+    assert t["mask_instability"].tolist() == pytest.approx([0.25, 0.0])
     m.recon = recon.iloc[:1]
     with pytest.raises(ValueError, match="not the same ones"):
-        tables.per_image(m, 5)
+        tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}})
 
 
-@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # qwen2_5vl: captions never move
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # captions that never move
 def test_stage_numbers_against_the_sample_files(sample_report):
     """The stage's question and summary, recomputed from the sample's raw files with scipy and pandas."""
     out = sample_report
-    q = pd.read_csv(out / "question.csv").set_index(["model", "geometry", "instability"])
+    q = pd.read_csv(out / "question.csv").set_index(["question", "model", "geometry", "instability"])
     summary = pd.read_csv(out / "summary.csv").set_index("model")
     params = yaml.safe_load((SAMPLE / "params.yaml").read_text())
     for model in params["models"]:
         recon = pd.read_csv(SAMPLE / "data/recon_eval" / model / "per_image.csv").set_index("stem")
         scores = pd.read_csv(SAMPLE / "data/scores" / model / "recon.csv").set_index("stem").loc[recon.index]
-        val = recon["split"] == "val"
-        ref = spearmanr(recon["mse_z"][val], 1 - scores["stability_f1"][val])
-        row = q.loc[(model, "recon_mse", "bertscore_instability")]
+        test = recon["split"] == "test"
+        ref = spearmanr(recon["mse_z"][test], 1 - scores["stability_f1"][test])
+        row = q.loc[("reconstruction", model, "recon_mse", "bertscore_instability")]
         if math.isnan(ref.statistic):  # the captions never moved on these images: undefined in both
             assert math.isnan(row["rho"]) and math.isnan(row["p"])
         else:
             assert row["rho"] == pytest.approx(ref.statistic, abs=1e-5)
-            assert row["p"] == pytest.approx(ref.pvalue, rel=1e-4)
-        assert row["n"] == val.sum()
+        assert row["n"] == test.sum() and row["m"] == int(((1 - scores["stability_f1"][test]) != 0).sum())
         metrics = json.loads((SAMPLE / "metrics/recon_eval" / f"{model}.json").read_text())
-        assert summary.loc[model, "recon_mse_z"] == pytest.approx(metrics["val"]["mse_z"], rel=1e-5)
-        means = pd.read_csv(SAMPLE / "data/scores" / model / "summary.csv").set_index("set")
-        assert summary.loc[model, "post_caption_clipscore"] == pytest.approx(means.loc["post", "clipscore"], rel=1e-5)
+        assert summary.loc[model, "recon_mse_z"] == pytest.approx(metrics["test"]["mse_z"], rel=1e-5)
+        post = pd.read_csv(SAMPLE / "data/scores" / model / "post.csv")
+        assert summary.loc[model, "post_caption_clipscore"] == pytest.approx(post["clipscore"].mean(), rel=1e-5)

@@ -43,14 +43,17 @@ def compare_spaces(spaces: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
     return per_image, summary
 
 
-def spectra_summary(tokens: dict[str, list[torch.Tensor]], pooled: dict[str, torch.Tensor],
-                    top_k: int) -> tuple[dict, dict]:
-    """Effective rank and top-k energy per image (token matrices) and per dataset (pooled vectors)."""
-    per_image, summary = {}, {}
-    for name, mats in tokens.items():
-        for key, values in spectra_per_image(mats, ks=[top_k], name=name).items():
-            per_image[f"{key}_{name}"] = values
-            summary[f"{key}_{name}_mean"] = float(values.mean())
-        summary[f"erank_{name}_dataset"] = float(effective_rank(pooled[name], name=name))
-        summary[f"energy@{top_k}_{name}_dataset"] = float(top_k_energy(pooled[name], top_k, name=name))
-    return per_image, summary
+def image_spectra(tokens: dict[str, list[torch.Tensor]], top_k: int) -> dict[str, torch.Tensor]:
+    """Effective rank and top-k energy of each image's token matrix: columns "erank_<space>",
+    "energy@<top_k>_<space>" [n_images] for every space of `tokens` (name -> per-image matrices)."""
+    return {f"{key}_{name}": values for name, mats in tokens.items()
+            for key, values in spectra_per_image(mats, ks=[top_k], name=name).items()}
+
+
+def dataset_spectra(pooled: dict[str, torch.Tensor], top_k: int) -> dict[str, float]:
+    """Effective rank and top-k energy of each space's pooled vectors [N, d] (one number per space)."""
+    out = {}
+    for name, x in pooled.items():
+        out[f"erank_{name}_dataset"] = float(effective_rank(x, name=name))
+        out[f"energy@{top_k}_{name}_dataset"] = float(top_k_energy(x, top_k, name=name))
+    return out

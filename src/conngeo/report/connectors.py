@@ -44,20 +44,22 @@ def connector_kinds(params: dict) -> dict[str, dict]:
 def columns(summary: pd.DataFrame, k: int, modes: list[str]) -> dict[str, str]:
     """summary column -> name in the connector table (those that exist in `summary`)."""
     want = {f"knor_pre_post@{k}": f"knor@{k}", f"chance@{k}": f"chance@{k}", "recon_mse_z": "recon_mse_z",
-            "recon_cosine": "recon_cosine", "post_caption_truth_exact": "caption_exact",
+            "recon_linear_mse_z": "linear_mse_z", "recon_underfit": "underfit", "lm_error": "lm_error",
+            "recon_cosine": "recon_cosine", "probe_loss_kinds": "probe_loss_kinds",
+            "probe_loss_count": "probe_loss_count", "post_caption_truth_exact": "caption_exact",
             "post_caption_clipscore": "caption_clipscore"}
     for mode in modes:
         want[f"sensitivity_{mode}_stability_f1"] = f"sensitivity_{mode}"
     return {c: n for c, n in want.items() if c in summary.columns}
 
 
-def connector_table(summary: pd.DataFrame, kinds: dict[str, dict], k: int, modes: list[str],
-                    extra: dict[str, dict] | None = None) -> pd.DataFrame:
+def connector_table(summary: pd.DataFrame, kinds: dict[str, dict], k: int, modes: list[str]) -> pd.DataFrame:
     """One row per model in `kinds` that `summary` has: base, model, kind, then KNOR@k (pre vs
-    post) with chance, reconstruction error, caption accuracy (toy truth, exact) and perturbation
-    sensitivity per mode (mean drop of BERTScore F1 against the post caption). `extra`: more
-    columns per model (e.g. held-out accuracy from metrics/connectors). Rows by base, then kind as
-    in `kinds`."""
+    post) with chance, reconstruction error (test images; every connector with the same reconstructor
+    class) beside the linear baseline and whether the reconstructor is underfit, the error that reaches
+    the language model, the probes' loss, caption accuracy (toy truth, exact) and perturbation
+    sensitivity per mode (mean drop of BERTScore F1 against the post caption over the same actual
+    fraction for every connector). Rows by base, then kind as in `kinds`."""
     cols = columns(summary, k, modes)
     rows = []
     by_model = summary.set_index("model")
@@ -66,7 +68,7 @@ def connector_table(summary: pd.DataFrame, kinds: dict[str, dict], k: int, modes
             continue
         r = by_model.loc[model]
         rows.append({"base": what["base"], "model": model, "kind": what["kind"],
-                     **{name: float(r[c]) for c, name in cols.items()}, **((extra or {}).get(model, {}))})
+                     **{name: r[c] for c, name in cols.items()}})
     table = pd.DataFrame(rows)
     if len(table):
         order = list(dict.fromkeys(table["base"]))
@@ -133,6 +135,8 @@ def markdown(table: pd.DataFrame, rho: pd.DataFrame) -> str:
     """The report section: the table and the answer."""
     from .tables import markdown as md
     return ("# Connector experiments\n\nOne row per connector on the same base encoder and language model "
-            "(the base's own row is its native connector). Sensitivity: mean drop of BERTScore F1 against the "
-            "post caption over the perturbation levels (lower = steadier).\n\n" + md(table) +
+            "(the base's own row is its native connector), every one reconstructed by the same reconstructor class. "
+            "recon_mse_z and linear_mse_z: test images; underfit: the learned reconstructor does not beat the "
+            "token-level linear one. Sensitivity: mean drop of BERTScore F1 against the post caption over the same "
+            "actual fraction [0, F] for every connector (lower = steadier).\n\n" + md(table) +
             "\n## Does a connector that preserves geometry better give more stable captions?\n\n" + answer(rho))

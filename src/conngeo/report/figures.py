@@ -46,7 +46,7 @@ def caption_scores(means: pd.DataFrame, path: Path) -> None:
     for ax, score in zip(axes[0], scores):
         for j, (name, colour, hatch, label) in enumerate((
                 ("post", OKABE_ITO[0], "", "post: from E_post"),
-                ("recon", OKABE_ITO[1], "//", "recon: from connector(reconstructed E_pre)"))):
+                ("recon", OKABE_ITO[1], "//", "recon: from connector(reconstructed E_pre), test images"))):
             d = means[(means["score"] == score) & (means["set"] == name)].set_index("model").reindex(models)
             err = np.vstack([d["mean"] - d["low"], d["high"] - d["mean"]])
             ax.bar(x + (j - 0.5) * 0.38, d["mean"], width=0.38, color=colour, hatch=hatch, edgecolor="black",
@@ -58,7 +58,7 @@ def caption_scores(means: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("model")
         ax.set_ylabel(LABELS.get(score, score))
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Caption scores of the post and recon captions per model; bars: mean over images, "
+    fig.suptitle("Caption scores of the post (all images) and recon (test images) captions per model; bars: mean, "
                  "whiskers: 95% interval of the mean", fontsize=9)
     _save(fig, path)
 
@@ -70,17 +70,22 @@ def _scatter_by_model(ax, table, x, y, styles):
 
 
 def score_vs_error(table: pd.DataFrame, path: Path, which: str = "") -> None:
-    """Per image: caption instability against reconstruction error, one colour per model
-    (table: model, recon_mse, bertscore_instability, clipscore_drop; `which` names the images in the title)."""
+    """Per image: caption instability against the reconstruction error in E_pre and against the error that
+    reaches the language model, one colour per model (table: model, recon_mse, lm_error,
+    bertscore_instability, clipscore_drop; `which` names the images in the title)."""
     styles = style(dict.fromkeys(table["model"]))
-    panels = (("bertscore_instability", "1 - BERTScore F1 (recon vs post caption)"),
-              ("clipscore_drop", "CLIPScore drop (post - recon)"))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), constrained_layout=True)
-    for ax, (col, label) in zip(axes, panels):
-        _scatter_by_model(ax, table, "recon_mse", col, styles)
-        ax.set_xlabel("reconstruction MSE of E_pre (z-units²)")
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=7, markerscale=1.5)
+    xs = (("recon_mse", "reconstruction MSE of E_pre (z-units²)"),
+          ("lm_error", "MSE of connector(recon E_pre) vs E_post (z-units²)"))
+    ys = (("bertscore_instability", "1 - BERTScore F1\n(recon vs post caption)"),
+          ("clipscore_drop", "CLIPScore drop\n(post - recon)"))
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6), constrained_layout=True)
+    for i, (y, ylabel) in enumerate(ys):
+        for j, (x, xlabel) in enumerate(xs):
+            ax = axes[i, j]
+            _scatter_by_model(ax, table, x, y, styles)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+    axes[0, 0].legend(fontsize=7, markerscale=1.5)
     fig.suptitle(f"Caption instability against reconstruction error, one point per image{which}", fontsize=9)
     _save(fig, path)
 
@@ -126,21 +131,26 @@ def erank_clipscore(table: pd.DataFrame, path: Path, which: str = "") -> None:
     _save(fig, path)
 
 
-def perturbation(curves: pd.DataFrame, mode: str, path: Path, scores=("clipscore", "stability_f1")) -> None:
-    """Score against perturbation level, one line per model (curves: model, mode, level, <scores>)."""
+def perturbation(curves: pd.DataFrame, mode: str, path: Path, upto: float,
+                 scores=("clipscore", "stability_f1")) -> None:
+    """Score against the actual fraction changed, one line per model, the common fraction `upto` dotted
+    (curves: model, mode, fraction, <scores>; one point per distinct fraction)."""
     d = curves[curves["mode"] == mode]
     styles = style(dict.fromkeys(d["model"]))
-    what = {"mask": "fraction of E_post tokens masked", "lowrank": "fraction of singular values removed"}
+    what = {"mask": "fraction of E_post tokens masked", "lowrank": "fraction of singular directions removed"}
     fig, axes = plt.subplots(1, len(scores), figsize=(3.8 * len(scores), 3.2), squeeze=False, constrained_layout=True)
     for ax, score in zip(axes[0], scores):
         for model, dm in d.groupby("model", sort=False):
             colour, marker = styles[model]
-            dm = dm.sort_values("level")
-            ax.plot(dm["level"], dm[score], color=colour, marker=marker, markersize=4, label=model)
-        ax.set_xlabel(f"level ({what.get(mode, mode)})")
+            dm = dm.sort_values("fraction")
+            ax.plot(dm["fraction"], dm[score], color=colour, marker=marker, markersize=4, label=model)
+        ax.axvline(upto, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"actual {what.get(mode, mode)}")
         ax.set_ylabel(LABELS.get(score, score))
+    axes[0][0].plot([], [], color="grey", linestyle=":", label=f"compared up to {upto:.3g}")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Caption scores under {mode} perturbation of E_post (level 0: unperturbed)", fontsize=9)
+    fig.suptitle(f"Caption scores under {mode} perturbation of E_post, on the fraction each image actually had "
+                 "changed (0: unperturbed)", fontsize=9)
     _save(fig, path)
 
 
@@ -176,10 +186,11 @@ def patch_loss(table: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
-def question_heatmap(q: pd.DataFrame, path: Path) -> None:
+def question_heatmap(q: pd.DataFrame, path: Path, title: str) -> None:
     """Spearman rho of each geometry measure (rows) with each instability measure (columns), one panel
-    per model; each cell shows rho and its 95% interval, bold where the interval excludes 0
-    (q: model, geometry, instability, rho, low, high, distinct). Diverging PuOr, fixed to [-1, 1]."""
+    per model; each cell shows rho, its bootstrap interval and the verdict: bold where distinguishable
+    (permutation test, BH q), "m < min" where too few images changed (q: model, geometry, instability, rho,
+    low, high, m, verdict). Diverging PuOr, fixed to [-1, 1]."""
     models = list(dict.fromkeys(q["model"]))
     geometry = list(dict.fromkeys(q["geometry"]))
     instability = list(dict.fromkeys(q["instability"]))
@@ -197,10 +208,15 @@ def question_heatmap(q: pd.DataFrame, path: Path) -> None:
         for a, g in enumerate(geometry):
             for b, c in enumerate(instability):
                 r = d.loc[(g, c)]
-                text = "n/a" if np.isnan(r["rho"]) else f"{r['rho']:+.2f}\n[{r['low']:+.2f}, {r['high']:+.2f}]"
+                if np.isnan(r["rho"]):
+                    text = "n/a"
+                else:
+                    text = f"{r['rho']:+.2f}\n[{r['low']:+.2f}, {r['high']:+.2f}]"
+                    if r["verdict"] == "too few changed images":
+                        text += f"\nm = {r['m']}"
                 ax.text(b, a, text, ha="center", va="center", fontsize=6.5,
                         color="white" if abs(r["rho"]) > 0.6 else "black",  # legible on the dark ends
-                        fontweight="bold" if r["distinct"] else "normal")
+                        fontweight="bold" if r["verdict"] == "distinguishable" else "normal")
         ax.set_xticks(range(len(instability)), [c.replace("_", "\n") for c in instability], fontsize=7)
         ax.set_yticks(range(len(geometry)), geometry if i % cols == 0 else [""] * len(geometry), fontsize=7)
         ax.set_title(model, fontsize=9)
@@ -208,6 +224,33 @@ def question_heatmap(q: pd.DataFrame, path: Path) -> None:
         if i % cols == 0:
             ax.set_ylabel("geometry change", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="Spearman rho (per image)")
-    fig.suptitle("Does geometry change predict caption instability? rho [95% bootstrap CI]; "
-                 "bold: interval excludes 0", fontsize=9)
+    fig.suptitle(f"{title}: rho [95% bootstrap CI]; bold: distinguishable (permutation test, BH q <= 0.05); "
+                 "m: too few changed images", fontsize=9)
+    _save(fig, path)
+
+
+def probes(table: pd.DataFrame, path: Path) -> None:
+    """Linear-probe scores per target: E_pre and E_post of each model as bars, each reference space as a
+    marker, chance as a line (table: model, target, metric, pre, post, chance, <reference>...)."""
+    models = list(dict.fromkeys(table["model"]))
+    targets = list(dict.fromkeys(table["target"]))
+    refs = [c for c in table.columns if c not in ("model", "target", "metric", "pre", "post", "loss", "chance")]
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 0.55 * len(targets) + 2), 2.4 * len(models)),
+                             squeeze=False, constrained_layout=True)
+    x = np.arange(len(targets))
+    for ax, model in zip(axes[:, 0], models):
+        d = table[table["model"] == model].set_index("target").reindex(targets)
+        ax.bar(x - 0.2, d["pre"], width=0.4, color=OKABE_ITO[0], edgecolor="black", linewidth=0.5, label="E_pre")
+        ax.bar(x + 0.2, d["post"], width=0.4, color=OKABE_ITO[1], edgecolor="black", linewidth=0.5, hatch="//",
+               label="E_post")
+        ax.scatter(x, d["chance"], marker="_", s=300, color="black", label="chance", zorder=3)
+        for j, ref in enumerate(refs):
+            ax.scatter(x, d[ref], marker=MARKERS[(j + 1) % len(MARKERS)], s=18, color=OKABE_ITO[(j + 2) % 8],
+                       label=f"reference {ref}", zorder=3)
+        ax.set_xticks(x, targets, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"{model}\nheld-out score", fontsize=8)
+        ax.set_ylim(min(0.0, float(np.nanmin(d[["pre", "post"]].to_numpy(float), initial=0.0))), 1.02)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.suptitle("What the connector keeps of the ground truth: linear probes (accuracy for classes, R² for counts), "
+                 "cross-validated", fontsize=9)
     _save(fig, path)

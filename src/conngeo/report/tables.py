@@ -1,45 +1,51 @@
-"""The report's tables, built from the upstream stages' files: per-image geometry change and caption
-instability, the question (their rank correlations), the per-model summary and the perturbation curves.
+"""The report's tables, built from the upstream stages' files: the per-image measures, the two questions
+(their rank correlations, with permutation verdicts), the per-model summary, the perturbation curves on
+the actual fraction changed, and the probes.
 
 Inputs live under one root in the pipeline's layout (the project itself, or a committed sample of it):
 
-    data/knn/<model>/per_image.csv            knor_pre_post@k, erank_pre, erank_post, ...
+    data/knn/<model>/per_image.csv            knor_pre_post@k, distortion@k, erank_pre, erank_post, ...
+    data/knn/<model>/probes.csv               linear probes of the ground truth from pooled E_pre / E_post
     metrics/knn/<model>.json                  dataset KNOR per pair and k, chance levels, spectra
-    data/recon_eval/<model>/per_image.csv     split, mse_z, cosine, ...   (+ patch_loss.csv)
-    metrics/recon_eval/<model>.json           validation means and baselines
-    data/scores/<model>/{post,recon}.csv      per caption: clipscore, bertscore_f1, stability_f1, truth_*
-    data/scores/<model>/summary.csv           one row per caption set (post, recon, <mode>_<level>): the means
+    data/recon_eval/<model>/per_image.csv     split, mse_z, cosine, linear_mse_z, ...   (+ patch_loss.csv)
+    metrics/recon_eval/<model>.json           the means per split and the baselines' verdicts
+    data/captions/<model>/captions.csv        recon_post_mse_z: the error that reaches the language model
+    data/scores/<model>/<set>.csv             per caption: clipscore, bertscore_f1, stability_f1, truth_*;
+                                              the perturbation sets also the image's actual fraction changed
+    data/refs/<space>/probes.csv              the probes of each reference space
 
-Every measure is oriented so that larger = more change (geometry) or more instability (captions):
-a positive correlation then reads "images whose representation changes more get less stable captions".
+Every measure is one entry of MEASURES (name, kind, the questions it enters, description, unit, and how it
+is computed from a model's tables), oriented so that larger = more change (geometry) or more instability
+(captions): a positive correlation then reads "images whose representation changes more get less stable
+captions". The report's per-image series, both questions, the summary and the figures all come from it:
+a new measure is one entry.
+
+The two questions:
+  reconstruction  geometry change, the reconstruction errors included, against the instability of the
+                  caption generated from connector(reconstructed E_pre), on the test images (never trained
+                  or selected on); the errors are a mechanical cause of that instability, so this question
+                  alone is circular, hence
+  perturbation    geometry change that involves no reconstructor (1 - KNOR, erank drop, the connector's
+                  local distortion) against how unstable the image's caption is under controlled
+                  perturbations of E_post, on all images.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .stats import spearman_ci
+from .stats import bh_qvalues, changed_count, spearman_ci, spearman_permutation, verdict_rule
 
-# name -> (what it is, unit); the columns of per_image() besides stem and split
-GEOMETRY = {
-    "knor_change": ("1 - KNOR@k of the image's pre/post neighbourhoods", "fraction"),
-    "recon_mse": ("reconstruction MSE of E_pre from E_post", "z-units²"),
-    "recon_cosine_loss": ("1 - cosine(reconstructed E_pre, E_pre), mean over tokens", "1 - cos"),
-    "erank_drop": ("effective rank of E_pre minus that of E_post (token matrices; signed)", "erank"),
-}
-INSTABILITY = {
-    "bertscore_instability": ("1 - BERTScore F1 of the recon caption against the post caption", "1 - F1"),
-    "clipscore_drop": ("CLIPScore of the post caption minus that of the recon caption", "CLIPScore"),
-    "attribute_error_change": ("toy-world attributes (kinds, counts, colours) wrong in the recon caption "
-                               "minus those wrong in the post caption", "attributes"),
-}
+QUESTIONS = {"reconstruction": "test", "perturbation": None}  # question -> the split it is asked on (None: all)
 TRUTH_ATTRIBUTES = ("truth_kinds", "truth_counts", "truth_colours")
+MIN_CHANGED = 15  # below this many images whose instability is not zero, no verdict (report.min_changed)
 
 
 @dataclass
@@ -48,10 +54,12 @@ class ModelInputs:
     name: str
     knn: pd.DataFrame
     knn_metrics: dict
+    probes: pd.DataFrame
     recon: pd.DataFrame
     recon_metrics: dict
     patch_loss: pd.DataFrame | None
-    scores: dict[str, pd.DataFrame]     # "post", "recon" -> per-caption scores
+    captions: pd.DataFrame
+    scores: dict[str, pd.DataFrame]     # "post", "recon", "<mode>_<level>" -> per-caption scores, by stem
     score_summary: pd.DataFrame         # one row per caption set
 
 
@@ -60,31 +68,35 @@ def _missing(path: Path) -> FileNotFoundError:
                              "at a folder in the pipeline's layout")
 
 
-def _csv(path: Path) -> pd.DataFrame:
+def read_csv(path: Path, index: str | None = "stem") -> pd.DataFrame:
     if not path.is_file():
         raise _missing(path)
-    return pd.read_csv(path)
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"stem": str})
+    return table.set_index(index) if index else table
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise _missing(path)
     return json.loads(path.read_text())
 
 
-def load_model(root: Path, model: str) -> ModelInputs:
-    """Read one model's upstream outputs under `root` (layout in the module docstring)."""
+def load_model(root: Path, model: str, sets: list[str]) -> ModelInputs:
+    """Read one model's upstream outputs under `root` (layout in the module docstring); `sets`: the
+    caption sets to read besides post and recon (the perturbations, "<mode>_<level>")."""
     root = Path(root)
     patch = root / "data/recon_eval" / model / "patch_loss.csv"
     return ModelInputs(
         name=model,
-        knn=_csv(root / "data/knn" / model / "per_image.csv"),
-        knn_metrics=_json(root / "metrics/knn" / f"{model}.json"),
-        recon=_csv(root / "data/recon_eval" / model / "per_image.csv"),
-        recon_metrics=_json(root / "metrics/recon_eval" / f"{model}.json"),
-        patch_loss=pd.read_csv(patch) if patch.is_file() else None,
-        scores={s: _csv(root / "data/scores" / model / f"{s}.csv") for s in ("post", "recon")},
-        score_summary=_csv(root / "data/scores" / model / "summary.csv"),
+        knn=read_csv(root / "data/knn" / model / "per_image.csv"),
+        knn_metrics=read_json(root / "metrics/knn" / f"{model}.json"),
+        probes=read_csv(root / "data/knn" / model / "probes.csv", index=None),
+        recon=read_csv(root / "data/recon_eval" / model / "per_image.csv"),
+        recon_metrics=read_json(root / "metrics/recon_eval" / f"{model}.json"),
+        patch_loss=read_csv(patch, index=None) if patch.is_file() else None,
+        captions=read_csv(root / "data/captions" / model / "captions.csv"),
+        scores={s: read_csv(root / "data/scores" / model / f"{s}.csv") for s in ("post", "recon", *sets)},
+        score_summary=read_csv(root / "data/scores" / model / "summary.csv", index=None),
     )
 
 
@@ -99,118 +111,221 @@ def attribute_errors(scores: pd.DataFrame) -> pd.Series:
     return sum(1.0 - column(scores, c) for c in TRUTH_ATTRIBUTES)
 
 
-def per_image(m: ModelInputs, k: int) -> pd.DataFrame:
-    """One row per image, in the knn table's order: stem, split, GEOMETRY and INSTABILITY columns, plus
-    erank_post and the post caption's clipscore (for the effective-rank figure). Every input must cover
-    the same images: a mismatch means a stale upstream output, and no image is dropped silently."""
-    knn = m.knn.set_index("stem")
-    recon = m.recon.set_index("stem")
-    post = m.scores["post"].set_index("stem")
-    rec = m.scores["recon"].set_index("stem")
-    stems = list(knn.index)
-    for name, table in (("recon_eval", recon), ("scores post", post), ("scores recon", rec)):
-        if set(table.index) != set(stems):
-            raise ValueError(f"{m.name}: {name} covers {len(table)} images, knn {len(stems)}, not the same ones; "
-                             "rerun the stale upstream stages (`dvc repro`)")
-    recon, post, rec = recon.loc[stems], post.loc[stems], rec.loc[stems]
-    return pd.DataFrame({
-        "stem": stems,
-        "split": recon["split"].to_numpy(),
-        "knor_change": 1.0 - knn[f"knor_pre_post@{k}"].to_numpy(),
-        "recon_mse": recon["mse_z"].to_numpy(),
-        "recon_cosine_loss": 1.0 - recon["cosine"].to_numpy(),
-        "erank_drop": (knn["erank_pre"] - knn["erank_post"]).to_numpy(),
-        "bertscore_instability": 1.0 - rec["stability_f1"].to_numpy(),
-        "clipscore_drop": (post["clipscore"] - rec["clipscore"]).to_numpy(),
-        "attribute_error_change": (attribute_errors(rec) - attribute_errors(post)).to_numpy(),
-        "erank_post": knn["erank_post"].to_numpy(),
-        "clipscore_post": post["clipscore"].to_numpy(),
-    })
+# -- perturbations on the actual fraction -----------------------------------------------------------------
+
+def fraction_curve(fractions, scores, start: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction, score) points of one image or one mean curve: (0, `start`) then the measured points in
+    order of the actual fraction; levels that changed the same fraction (the same perturbation) are one
+    point, their scores averaged."""
+    f = np.asarray(fractions, dtype=float)
+    s = np.asarray(scores, dtype=float)
+    keep = np.isfinite(f) & np.isfinite(s)
+    points = pd.DataFrame({"f": np.round(f[keep], 9), "s": s[keep]}).groupby("f", sort=True)["s"].mean()
+    points = points[points.index > 0]
+    return np.concatenate([[0.0], points.index.to_numpy()]), np.concatenate([[start], points.to_numpy()])
 
 
-def question(tables: dict[str, pd.DataFrame], n_boot: int, seed: int, split: str | None = "val") -> pd.DataFrame:
-    """Spearman rho, its bootstrap CI and p-value for every (model, geometry, instability) triple,
-    over the images of `split` (None: all images). Each pair gets the same seed, so its resamples
-    are the same images wherever both measures are defined."""
+def area_drop(f: np.ndarray, s: np.ndarray, upto: float) -> float:
+    """(1/F) * integral_0^F (s(0) - s(f)) df of the piecewise-linear curve through (f, s), F = `upto`: the
+    mean drop of the score over the actual fraction [0, F]; NaN where the curve does not reach F."""
+    if len(f) < 2 or f[-1] < upto - 1e-9 or upto <= 0:
+        return math.nan
+    grid = np.union1d(f[f < upto], [upto])
+    drop = s[0] - np.interp(grid, f, s)
+    return float(np.sum((drop[1:] + drop[:-1]) / 2 * np.diff(grid)) / upto)
+
+
+def perturbation_frame(m: ModelInputs, mode: str, levels: list, score: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(fraction [images x levels], score [images x levels]) of one model and mode, by stem."""
+    fractions = pd.concat({lv: m.scores[f"{mode}_{lv}"]["fraction"] for lv in levels}, axis=1)
+    scores = pd.concat({lv: m.scores[f"{mode}_{lv}"][score] for lv in levels}, axis=1)
+    return fractions, scores
+
+
+def image_instability(m: ModelInputs, mode: str, levels: list, upto: float) -> pd.Series:
+    """Per image: the mean of 1 - BERTScore F1 (vs its post caption) over the actual fraction [0, upto]
+    of `mode`'s perturbations (fraction_curve, area_drop with s(0) = 1: the unperturbed caption)."""
+    fractions, scores = perturbation_frame(m, mode, levels, "stability_f1")
+    return pd.Series([area_drop(*fraction_curve(fractions.loc[stem], scores.loc[stem], 1.0), upto)
+                      for stem in fractions.index], index=fractions.index)
+
+
+def common_fraction(data: dict[str, ModelInputs], mode: str, levels: list, cap: float) -> float:
+    """The largest actual fraction every image of every model reaches in `mode`, at most `cap`: where
+    models (and connectors) are compared at matched fractions."""
+    reach = [max(float(m.scores[f"{mode}_{lv}"]["fraction"].min()) for lv in levels) for m in data.values()]
+    return float(min([cap, *reach]))
+
+
+def curves(data: dict[str, ModelInputs], modes: list, levels: list,
+           scores=("clipscore", "stability_f1", "truth_exact")) -> pd.DataFrame:
+    """Mean score against the actual fraction changed, per model and mode (long: model, mode, fraction,
+    levels, <scores>): (0, the post caption's score; stability 1 by definition), then one row per distinct
+    actual fraction (the nominal levels that changed it are listed; duplicates are one row)."""
     rows = []
-    for model, table in tables.items():
-        if split is not None:
-            table = table[table["split"] == split]
-        for g in GEOMETRY:
-            for c in INSTABILITY:
-                r = spearman_ci(table[g].to_numpy(float), table[c].to_numpy(float), n_boot=n_boot, seed=seed)
-                rows.append({"model": model, "geometry": g, "instability": c, **r})
+    for model, m in data.items():
+        for mode in modes:
+            post = m.scores["post"]
+            rows.append({"model": model, "mode": mode, "fraction": 0.0, "levels": "0",
+                         **{c: (1.0 if c == "stability_f1" else float(column(post, c).mean())) for c in scores}})
+            by_fraction: dict[float, list] = {}
+            for lv in levels:
+                by_fraction.setdefault(round(float(m.scores[f"{mode}_{lv}"]["fraction"].mean()), 9), []).append(lv)
+            for f, lvs in sorted(by_fraction.items()):
+                rows.append({"model": model, "mode": mode, "fraction": f, "levels": " ".join(map(str, lvs)),
+                             **{c: float(pd.Series([column(m.scores[f"{mode}_{lv}"], c).mean() for lv in lvs]).mean())
+                                for c in scores}})
     return pd.DataFrame(rows)
 
 
-def verdict(row) -> str:
-    """One sentence on one correlation, never without its interval."""
+def sensitivity(curve: pd.DataFrame, score: str, upto: float) -> float:
+    """Perturbation sensitivity: the mean drop of the score over the actual fraction [0, upto]
+    (area_drop of the curve's points, which start at the unperturbed caption)."""
+    c = curve.sort_values("fraction")
+    return area_drop(c["fraction"].to_numpy(float), c[score].to_numpy(float), upto)
+
+
+# -- the measures -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Measure:
+    """One per-image measure: everything the report needs to know of it."""
+    name: str
+    kind: str                               # "geometry" (larger = more change) | "instability" (larger = less stable)
+    questions: tuple[str, ...]              # the questions it enters (QUESTIONS)
+    description: str
+    unit: str
+    compute: Callable[["ModelInputs", dict], pd.Series]   # (model inputs, context) -> per image, by stem
+
+
+def measures(modes: list, levels: list) -> list[Measure]:
+    """The study's measures; the perturbation ones per mode. `context` carries k (KNOR@k) and the
+    common fraction of each mode."""
+    both = ("reconstruction", "perturbation")
+    table = [
+        Measure("knor_change", "geometry", both, "1 - KNOR@k of the image's pre/post neighbourhoods", "fraction",
+                lambda m, c: 1.0 - m.knn[f"knor_pre_post@{c['k']}"]),
+        Measure("erank_drop", "geometry", both, "effective rank of E_pre minus that of E_post (token matrices; signed)",
+                "erank", lambda m, c: m.knn["erank_pre"] - m.knn["erank_post"]),
+        Measure("distortion", "geometry", ("perturbation",), "the connector's local distortion: std over the image's k "
+                "nearest E_pre neighbours of log(post distance / pre distance)", "log ratio",
+                lambda m, c: m.knn[f"distortion@{c['k']}"]),
+        Measure("recon_mse", "geometry", ("reconstruction",), "reconstruction MSE of E_pre from E_post", "z-units²",
+                lambda m, c: m.recon["mse_z"]),
+        Measure("lm_error", "geometry", ("reconstruction",), "MSE of connector(reconstructed E_pre) against E_post: the "
+                "error that reaches the language model", "z-units² of E_post",
+                lambda m, c: m.captions["recon_post_mse_z"]),
+        Measure("recon_cosine_loss", "geometry", ("reconstruction",),
+                "1 - cosine(reconstructed E_pre, E_pre), mean over tokens", "1 - cos", lambda m, c: 1.0 - m.recon["cosine"]),
+        Measure("bertscore_instability", "instability", ("reconstruction",),
+                "1 - BERTScore F1 of the recon caption against the post caption", "1 - F1",
+                lambda m, c: 1.0 - m.scores["recon"]["stability_f1"]),
+        Measure("clipscore_drop", "instability", ("reconstruction",),
+                "CLIPScore of the post caption minus that of the recon caption", "CLIPScore",
+                lambda m, c: m.scores["post"]["clipscore"] - m.scores["recon"]["clipscore"]),
+        Measure("attribute_error_change", "instability", ("reconstruction",),
+                "toy-world attributes (kinds, counts, colours) wrong in the recon caption minus those wrong in the post "
+                "caption", "attributes",
+                lambda m, c: attribute_errors(m.scores["recon"]) - attribute_errors(m.scores["post"])),
+    ]
+    for mode in modes:
+        table.append(Measure(f"{mode}_instability", "instability", ("perturbation",),
+                             f"mean over the actual {mode} fraction [0, F] of 1 - BERTScore F1 against the post caption "
+                             "(F: the largest fraction every model reaches)", "1 - F1",
+                             lambda m, c, mode=mode: image_instability(m, mode, levels, c["fractions"][mode])))
+    return table
+
+
+def per_image(m: ModelInputs, table: list[Measure], context: dict) -> pd.DataFrame:
+    """One row per image, in the knn table's order: stem, split, every measure, plus erank_post and the
+    post caption's clipscore (for the effective-rank figure). Every input must cover the same images: a
+    mismatch means a stale upstream output, and no image is dropped silently."""
+    stems = list(m.knn.index)
+    frames = {"recon_eval": m.recon, "captions": m.captions, **{f"scores {s}": t for s, t in m.scores.items()}}
+    for name, frame in frames.items():
+        if set(frame.index) != set(stems):
+            raise ValueError(f"{m.name}: {name} covers {len(frame)} images, knn {len(stems)}, not the same ones; "
+                             "rerun the stale upstream stages (`dvc repro`)")
+    out = pd.DataFrame({"stem": stems, "split": m.recon.loc[stems, "split"].to_numpy()})
+    for measure in table:
+        out[measure.name] = pd.to_numeric(measure.compute(m, context).reindex(stems), errors="coerce").to_numpy()
+    out["erank_post"] = m.knn.loc[stems, "erank_post"].to_numpy()
+    out["clipscore_post"] = m.scores["post"].loc[stems, "clipscore"].to_numpy()
+    return out
+
+
+# -- the questions ------------------------------------------------------------------------------------------
+
+def question(tables: dict[str, pd.DataFrame], table: list[Measure], n_perm: int, n_boot: int, seed: int,
+             alpha: float = 0.05, min_changed: int = MIN_CHANGED) -> pd.DataFrame:
+    """Every (question, model, geometry, instability) correlation over the question's images: Spearman rho,
+    its permutation p-value, m (images whose instability is not zero), a percentile bootstrap interval (a
+    description only), then Benjamini-Hochberg q-values over the whole family and the verdict
+    (stats.verdict_rule: "too few changed images" below `min_changed`, else q <= alpha)."""
+    rows = []
+    for name, split in QUESTIONS.items():
+        geometry = [x.name for x in table if x.kind == "geometry" and name in x.questions]
+        instability = [x.name for x in table if x.kind == "instability" and name in x.questions]
+        for model, t in tables.items():
+            if split is not None:
+                t = t[t["split"] == split]
+            for g in geometry:
+                for c in instability:
+                    x, y = t[g].to_numpy(float), t[c].to_numpy(float)
+                    keep = np.isfinite(x) & np.isfinite(y)
+                    perm = spearman_permutation(x, y, n_perm=n_perm, seed=seed)
+                    boot = spearman_ci(x, y, n_boot=n_boot, seed=seed)
+                    rows.append({"question": name, "split": split or "all", "model": model, "geometry": g,
+                                 "instability": c, "n": perm["n"], "m": changed_count(y[keep]), "rho": perm["rho"],
+                                 "p": perm["p"], "low": boot["low"], "high": boot["high"]})
+    q = pd.DataFrame(rows)
+    q["q"] = bh_qvalues(q["p"].to_numpy(float))
+    q["verdict"] = [verdict_rule(a, b, alpha, min_changed) for a, b in zip(q["q"], q["m"])]
+    return q
+
+
+def verdict_line(row) -> str:
+    """One sentence on one correlation, never without its m, p, q and interval."""
     if math.isnan(row["rho"]):
-        return "undefined (a measure is constant over these images)"
-    if math.isnan(row["low"]):
-        return f"rho {row['rho']:+.3f} (no bootstrap interval)"
-    ci = f"rho {row['rho']:+.3f}, 95% CI [{row['low']:+.3f}, {row['high']:+.3f}], p = {row['p']:.2g}, n = {row['n']}"
-    return f"{ci}: {'distinguishable from zero' if row['distinct'] else 'not distinguishable from zero'}"
+        return f"rho undefined (a measure is constant over these images), n = {row['n']}, m = {row['m']}: {row['verdict']}"
+    return (f"rho {row['rho']:+.3f}, 95% bootstrap CI [{row['low']:+.3f}, {row['high']:+.3f}], permutation p = "
+            f"{row['p']:.2g}, q = {row['q']:.2g}, n = {row['n']}, m = {row['m']}: {row['verdict']}")
 
 
-def question_text(q: pd.DataFrame, split: str | None, n_boot: int, k: int) -> str:
-    """The generated answer: per model, which correlations are distinguishable from zero (the 95%
-    bootstrap interval excludes 0) and which are not, each with its interval."""
+def question_text(q: pd.DataFrame, table: list[Measure], n_perm: int, n_boot: int, k: int, alpha: float,
+                  min_changed: int) -> str:
+    """The generated answers: per question and model, every correlation with its verdict."""
+    found = q[q["verdict"] == "distinguishable"]
     lines = ["# Does geometry change predict caption instability?", "",
-             f"Spearman rank correlation per image ({'images of split ' + split if split else 'all images'}), "
-             f"95% percentile bootstrap intervals over images ({n_boot} resamples), p-values from the "
-             "t-approximation. A correlation is *distinguishable from zero* when its interval excludes 0. "
-             f"Positive rho: images whose representation changes more get less stable captions. KNOR at k = {k}.", ""]
-    for model, rows in q.groupby("model", sort=False):
-        distinct = rows[rows["distinct"]]
-        defined = int(rows["rho"].notna().sum())
-        lines += [f"## {model}", "",
-                  f"{len(distinct)} of {len(rows)} correlations are distinguishable from zero"
-                  f" ({defined} defined; with no association at all, about {0.05 * defined:.1f} of {defined} "
-                  "would exclude 0 by chance, since the intervals are not corrected for multiple comparisons)."
-                  + ("" if len(distinct) else " None of the geometry measures predicts caption instability here."),
-                  ""]
-        for _, row in rows.iterrows():
-            lines.append(f"- {row['geometry']} vs {row['instability']}: {verdict(row)}")
-        lines.append("")
-    lines += ["## Measures", ""] + [f"- `{k}`: {d} ({u})" for k, (d, u) in {**GEOMETRY, **INSTABILITY}.items()]
+             "Spearman rank correlation per image. Verdict: a permutation test of rho "
+             f"({n_perm} permutations, ties kept), Benjamini-Hochberg q-values over all {len(q)} correlations below, "
+             f"*distinguishable* where q <= {alpha}; where fewer than {min_changed} images have a nonzero instability "
+             "measure (m), *too few changed images*, whatever the test says. The 95% percentile bootstrap intervals "
+             f"({n_boot} resamples) describe, they do not decide. Positive rho: images whose representation changes "
+             f"more get less stable captions. KNOR and distortion at k = {k}.", "",
+             f"{len(found)} of {len(q)} correlations are distinguishable "
+             f"({int((q['verdict'] == 'too few changed images').sum())} have too few changed images, "
+             f"{int((q['verdict'] == 'undefined').sum())} are undefined).", ""]
+    intro = {"reconstruction": "Geometry change, the reconstruction errors included, against the instability of the "
+                               "caption generated from connector(reconstructed E_pre), on the test images. The "
+                               "reconstruction errors cause that instability mechanically; lm_error is the part "
+                               "that reaches the language model.",
+             "perturbation": "Geometry change with no reconstructor involved against how unstable the image's caption "
+                             "is under masking and low-rank truncation of E_post (area over the actual fraction), "
+                             "on all images."}
+    for name in QUESTIONS:
+        rows = q[q["question"] == name]
+        lines += [f"## The {name} question", "", intro[name], ""]
+        for model, r in rows.groupby("model", sort=False):
+            lines += [f"### {model}", "", f"{int((r['verdict'] == 'distinguishable').sum())} of {len(r)} distinguishable.",
+                      ""]
+            lines += [f"- {row['geometry']} vs {row['instability']}: {verdict_line(row)}" for _, row in r.iterrows()]
+            lines.append("")
+    lines += ["## Measures", ""] + [f"- `{x.name}`: {x.description} ({x.unit})" for x in table]
     return "\n".join(lines) + "\n"
 
 
-def curves(summaries: dict[str, pd.DataFrame], modes: list[str], levels: list,
-           scores=("clipscore", "stability_f1", "truth_exact")) -> pd.DataFrame:
-    """Score against perturbation level per model and mode (long: model, mode, level, <scores>).
-    Level 0 is the unperturbed post caption (perturbations at level 0 return E_post exactly), whose
-    stability against itself is 1 by definition."""
-    rows = []
-    for model, s in summaries.items():
-        s = s.set_index("set")
-        missing = [f"{m}_{lv}" for m in modes for lv in levels if f"{m}_{lv}" not in s.index]
-        if missing:
-            raise ValueError(f"{model}: the score summary has no caption set {missing[:3]}; rerun "
-                             f"`dvc repro score@{model}` after the perturb stages of these levels")
-        for mode in modes:
-            post = s.loc["post"]
-            rows.append({"model": model, "mode": mode, "level": 0.0,
-                         **{c: (1.0 if c.startswith("stability") else float(post.get(c, np.nan))) for c in scores}})
-            for level in levels:
-                row = s.loc[f"{mode}_{level}"]
-                rows.append({"model": model, "mode": mode, "level": float(level),
-                             **{c: float(row.get(c, np.nan)) for c in scores}})
-    return pd.DataFrame(rows)
-
-
-def sensitivity(curve: pd.DataFrame, score: str) -> float:
-    """Perturbation sensitivity: the area between the unperturbed score and the score-vs-level curve,
-    per unit level, (1/L) * integral_0^L (s(0) - s(l)) dl by the trapezoid rule over the measured
-    levels (L the largest). 0: no effect; it is the mean drop of the score over [0, L]."""
-    c = curve.sort_values("level")
-    level, s = c["level"].to_numpy(float), c[score].to_numpy(float)
-    if len(level) < 2 or level[-1] <= 0:
-        return math.nan
-    drop = s[0] - s
-    return float(np.sum((drop[1:] + drop[:-1]) / 2 * np.diff(level)) / level[-1])
-
+# -- the summary --------------------------------------------------------------------------------------------
 
 def knor_table(m: ModelInputs) -> pd.DataFrame:
     """Dataset KNOR per pair and k with its chance level (long: model, pair, k, knor, chance)."""
@@ -222,7 +337,37 @@ def knor_table(m: ModelInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list[str]) -> dict:
+def probe_table(m: ModelInputs, references: pd.DataFrame) -> pd.DataFrame:
+    """Probe scores per target: E_pre, E_post, their difference (what the connector loses), each reference
+    space, and chance (long: model, target, metric, pre, post, loss, chance, <reference>...)."""
+    if m.probes.empty:
+        return pd.DataFrame(columns=["model", "target", "metric", "pre", "post", "loss", "chance"])
+    wide = m.probes.pivot_table(index=["target", "metric"], columns="space", values="score", sort=False)
+    chance = m.probes.groupby("target", sort=False)["chance"].first()
+    out = wide.reset_index().assign(model=m.name)
+    out["loss"] = out["pre"] - out["post"]
+    out["chance"] = out["target"].map(chance)
+    if not references.empty:
+        refs = references.pivot_table(index="target", columns="space", values="score", sort=False)
+        out = out.join(refs, on="target")
+    return out[["model", "target", "metric", "pre", "post", "loss", "chance",
+                *[c for c in out.columns if c not in ("model", "target", "metric", "pre", "post", "loss", "chance")]]]
+
+
+def probe_groups(probes: pd.DataFrame, column: str) -> dict[str, float]:
+    """Probe scores of one column grouped as the report reads them: the per-kind / per-object presence
+    probes averaged ("kinds", "objects present"), the others as they are."""
+    out = {}
+    for prefix, name in (("kind:", "kinds"), ("object:", "objects_present")):
+        rows = probes[probes["target"].str.startswith(prefix)]
+        if len(rows):
+            out[name] = float(rows[column].mean())
+    for _, r in probes[~probes["target"].str.contains(":")].iterrows():
+        out[r["target"]] = float(r[column])
+    return out
+
+
+def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dict, probes: pd.DataFrame) -> dict:
     """One model's line of the summary table (the quantities in README's Report section)."""
     row = {"model": m.name, "images": m.knn_metrics["images"]}
     for _, r in knor_table(m).iterrows():
@@ -232,32 +377,39 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list[str]) -> dict:
     spectra = m.knn_metrics.get("spectra", {})
     for key in ("erank_pre_mean", "erank_post_mean", "erank_pre_dataset", "erank_post_dataset"):
         row[key] = spectra.get(key, math.nan)
-    val = m.recon_metrics["val"]
-    for key in ("mse_z", "mean_mse_z", "pooled_mse_z", "ridge_pooled_mse_z", "cosine", "mean_cosine",
-                "pooled_cosine", "ridge_pooled_cosine"):
-        row[f"recon_{key}"] = val[key]
-    row["recon_beats_mean"] = m.recon_metrics["beats_mean_baseline"]
-    row["recon_beats_ridge"] = m.recon_metrics["beats_ridge_baseline"]
-    s = m.score_summary.set_index("set")
-    for name in ("post", "recon"):
-        for key in ("clipscore", "refclipscore", "bertscore_f1", "truth_exact"):
-            row[f"{name}_caption_{key}"] = float(s.loc[name].get(key, np.nan))
-    row["recon_caption_stability_f1"] = float(s.loc["recon", "stability_f1"])
-    row["recon_caption_same_as_post"] = float(s.loc["recon", "same_as_post"])
+    test = m.recon_metrics["test"]
+    for key in ("mse_z", "mean_mse_z", "linear_mse_z", "pooled_mse_z", "ridge_pooled_mse_z", "cosine",
+                "pooled_cosine"):
+        row[f"recon_{key}"] = test[key]
+    for key in ("beats_mean_baseline", "beats_linear_baseline", "beats_ridge_baseline", "underfit"):
+        row[f"recon_{key}"] = m.recon_metrics[key]
+    split = m.recon["split"]
+    row["lm_error"] = float(m.captions.loc[split.index[split == "test"], "recon_post_mse_z"].mean())
+    for score in ("clipscore", "refclipscore", "bertscore_f1", "truth_exact"):
+        row[f"post_caption_{score}"] = float(column(m.scores["post"], score).mean())
+        row[f"recon_caption_{score}"] = float(column(m.scores["recon"], score)[split == "test"].mean())  # test only
+    recon = m.scores["recon"][split == "test"]
+    row["recon_caption_stability_f1"] = float(recon["stability_f1"].mean())
+    row["recon_caption_same_as_post"] = float((recon["caption"] == m.scores["post"].loc[recon.index, "caption"]).mean())
     for mode in modes:
         c = curve[(curve["model"] == m.name) & (curve["mode"] == mode)]
         for score in ("clipscore", "stability_f1"):
-            row[f"sensitivity_{mode}_{score}"] = sensitivity(c, score)
+            row[f"sensitivity_{mode}_{score}"] = sensitivity(c, score, fractions[mode])
+    if not probes.empty:
+        for side in ("pre", "post", "loss", "chance"):
+            for name, value in probe_groups(probes, side).items():
+                row[f"probe_{side}_{name}"] = value
     return row
 
 
 def caption_means(m: ModelInputs, scores=("clipscore", "bertscore_f1", "truth_exact")) -> pd.DataFrame:
-    """Mean of each caption score for the post and recon sets with a normal 95% interval
-    (mean +- 1.96 standard errors over images; long: model, set, score, mean, low, high, n)."""
+    """Mean of each caption score for the post caption (all images) and the recon caption (test images)
+    with a normal 95% interval (mean +- 1.96 standard errors; long: model, set, score, mean, low, high, n)."""
     rows = []
-    for name in ("post", "recon"):
+    test = m.recon["split"] == "test"
+    for name, table in (("post", m.scores["post"]), ("recon", m.scores["recon"][test])):
         for score in scores:
-            v = column(m.scores[name], score).to_numpy(float)
+            v = column(table, score).to_numpy(float)
             v = v[np.isfinite(v)]
             mean = float(v.mean()) if len(v) else math.nan
             half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
@@ -273,7 +425,7 @@ def markdown(df: pd.DataFrame, digits: int = 4) -> str:
             return "yes" if v else "no"
         if isinstance(v, (float, np.floating)):
             return "" if math.isnan(v) else f"{v:.{digits}g}"
-        return str(v)
+        return "" if v is None else str(v)
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     return "\n".join([head, rule] + ["| " + " | ".join(cell(v) for v in row) + " |"

@@ -1,0 +1,60 @@
+"""Ground-truth attributes of the study images, as targets for linear probes (conngeo.geometry.probes).
+
+An image root may carry the truth about its images:
+
+    <root>/attributes.csv   the toy world's factors (conngeo.data.toyworld.ATTRIBUTE_COLUMNS)
+    <root>/objects.csv      stem + one column per object category: the number of its instances
+                            (scripts/import_coco.py writes it from COCO's instance annotations)
+
+`probe_targets` turns either into targets: name -> (kind, values in the order of `stems`), kind "class"
+(probe accuracy against the majority class) or "number" (held-out R^2):
+
+    toy world   kind:<food>      is the food kind on the plate (one target per kind, 8)
+                count            how many foods there are in all (1-6)
+                colour           the colour of the first food of the caption
+                plate            the plate's colour
+    COCO        object:<name>    is there at least one <name> (the `top` most frequent categories)
+                objects          how many object instances there are in all
+
+A root with neither file has no targets (the probes are skipped and the report says so).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+TOY, OBJECTS = "attributes.csv", "objects.csv"
+
+
+def _rows(path: Path, stems: list[str]) -> list[dict]:
+    with open(path, newline="") as f:
+        by_stem = {row["stem"]: row for row in csv.DictReader(f)}
+    missing = [s for s in stems if s not in by_stem]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} stems of the study have no row (e.g. {missing[:3]}); the file belongs "
+                         "to other images: regenerate it for this image root")
+    return [by_stem[s] for s in stems]
+
+
+def probe_targets(root, stems: list[str], top: int = 10) -> dict[str, tuple[str, list]]:
+    """The probe targets of `stems` from `root`'s attributes.csv or objects.csv (module docstring)."""
+    root = Path(root)
+    if (root / TOY).is_file():
+        from conngeo.data.toyworld import FOODS
+
+        rows = _rows(root / TOY, stems)
+        targets = {f"kind:{kind}": ("class", [int(kind in (r["kind1"], r["kind2"])) for r in rows]) for kind in FOODS}
+        targets["count"] = ("number", [int(r["count1"]) + int(r["count2"] or 0) for r in rows])
+        targets["colour"] = ("class", [r["colour1"] for r in rows])
+        targets["plate"] = ("class", [r["plate_colour"] for r in rows])
+        return targets
+    if (root / OBJECTS).is_file():
+        rows = _rows(root / OBJECTS, stems)
+        names = [c for c in rows[0] if c != "stem"]
+        present = {c: sum(int(r[c]) > 0 for r in rows) for c in names}
+        common = [c for c in sorted(names, key=lambda c: -present[c]) if 0 < present[c] < len(rows)][:top]
+        targets = {f"object:{c}": ("class", [int(int(r[c]) > 0) for r in rows]) for c in common}
+        targets["objects"] = ("number", [sum(int(r[c]) for c in names) for r in rows])
+        return targets
+    return {}
