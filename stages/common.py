@@ -1,12 +1,57 @@
-"""What every stage script shares: reading params.yaml and resolving a model name to its checkpoint."""
+"""What every stage script shares: running it (one-line errors, a polite stop on SIGTERM), reading
+params.yaml, and resolving a model name to its checkpoint."""
 
+import json
 import re
+import sys
 from pathlib import Path
 
+import typer
 import yaml
 
+from conngeo import interrupt
+
 PARAMS = Path("params.yaml")
+PROJECT = Path(__file__).resolve().parents[1]
+OWN_CODE = (str(PROJECT / "src" / "conngeo"), str(PROJECT / "stages"))
+
+
+def raised_by_us(err: BaseException) -> bool:
+    """Whether the error was raised by the project's own code (a check with a message for the user:
+    the file, what is wrong, what to do), not by a library underneath it."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(OWN_CODE)
+
+
+def run(app) -> None:
+    """Run a stage's typer app. SIGTERM (Slurm's preemption) stops the long loops after their current part and
+    the stage exits 143 with its finished parts kept; an error the project raised on purpose (bad input, a
+    missing file or checkpoint) is printed as one line on stderr and the stage exits 1; anything unexpected
+    keeps its traceback."""
+    interrupt.install()
+    stage = Path(sys.argv[0]).stem
+    try:
+        app()
+    except interrupt.Preempted as err:
+        typer.echo(f"{stage}: {err}", err=True)
+        raise SystemExit(143)
+    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as err:
+        if not raised_by_us(err):
+            raise
+        typer.echo(f"{stage}: error: {err.args[0] if err.args else err}", err=True)
+        raise SystemExit(1)
 SPEC_KEYS = ("family", "source", "hub", "revision", "dtype", "prompt", "image_size")
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as indented JSON at `path`, through a temporary name (a half-written file never looks done)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def load_params(path: Path = PARAMS) -> dict:

@@ -6,14 +6,13 @@ siglip  SiglipModel, sigmoid loss on (image, caption): the frozen vision encoder
 dino    Dinov2Model, self-supervised on images alone: the `dino` reference space
 """
 
-import json
 import time
 from pathlib import Path
 
 import typer
 from dvclive import Live
 
-from common import dvclive_logger, load_params
+from common import dvclive_logger, load_params, run, write_json
 from conngeo.data.images import load_image, scan
 from conngeo.data.toyworld import parse_caption
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
@@ -79,11 +78,9 @@ def main(
     processor.save_pretrained(out)
     report = {"kind": kind, "parameters": sum(p.numel() for p in model.parameters()), "patch_size": recipe["patch_size"],
               "train_seconds": round(seconds, 1), "train_images": len(items), **quality(kind, model, processor, heldout)}
-    metrics = Path("metrics/zoo") / f"{kind}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path("metrics/zoo") / f"{kind}.json", report)
     typer.echo(f"pretrain: {kind}: {report['parameters'] / 1e6:.2f}M parameters, {seconds:.0f} s -> {out}")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

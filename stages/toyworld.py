@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
+from common import run
 from conngeo.data import toyworld
 
 app = typer.Typer(add_completion=False)
@@ -30,4 +31,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -8,7 +8,6 @@ other. The held-out images are the zoo's (the last zoo.heldout of the training s
 variant's accuracy compares with its base's on the same images; the base is scored here too.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import typer
 from dvclive import Live
 
-from common import dvclive_logger, load_model, load_params, model_spec
+from common import dvclive_logger, load_model, load_params, model_spec, run, write_json
 from conngeo.data.images import load_image, scan
 from conngeo.models.variant import ConnectorVariant
 from conngeo.models.zoo import caption_accuracy, train_captioner
@@ -66,9 +65,12 @@ def main(
 
     start = time.perf_counter()
     with Live(dir=f"dvclive/connectors/{variant}", dvcyaml=False, save_dvc_exp=False) as live:
+        # the state file makes an interrupted training resume (it goes once the training ends)
+        out.mkdir(parents=True, exist_ok=True)
         losses = train_captioner(adapter, images, captions, steps=recipe["steps"], batch_size=recipe["batch_size"],
-                                 lr=recipe["lr"], seed=cfg["seed"], augment=recipe.get("augment", False),
-                                 log=dvclive_logger(live, prefix="train/"))
+                                 lr=recipe["lr"], seed=cfg["seed"], augment=recipe["augment"],
+                                 log=dvclive_logger(live, prefix="train/"), state=out / "train_state.safetensors",
+                                 save_every=cfg["save_every"])
     seconds = time.perf_counter() - start
 
     adapter.save(out)
@@ -84,11 +86,10 @@ def main(
               "train_images": n_train, "heldout_images": heldout, "train_seconds": round(seconds, 1),
               "final_loss": sum(tail) / max(len(tail), 1), "accuracy": accuracy, "base_accuracy": base_accuracy,
               "examples": [{"reference": r, "generated": g} for r, g in zip(test_captions[:5], generated)]}
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(metrics, report)
     typer.echo(f"train_connector: {variant} trained in {seconds:.0f} s -> {out}; held-out accuracy {accuracy} "
                f"(base {base_accuracy})")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

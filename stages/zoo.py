@@ -10,7 +10,6 @@ around (llava 62 vs 83 ms in an earlier measurement, and a 2-thread run once sta
 step beside other jobs): set 1 on a shared machine.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import typer
 import torch
 from dvclive import Live
 
-from common import dvclive_logger, load_params
+from common import dvclive_logger, load_params, run, write_json
 from conngeo.data.images import load_image, scan
 from conngeo.models import adapter_class
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
@@ -72,11 +71,9 @@ def main(
               "threads": zoo["threads"], "train_seconds": round(seconds, 1), "train_images": n_train,
               "heldout_images": zoo["heldout"], "accuracy": accuracy,
               "examples": [{"reference": r, "generated": g} for r, g in zip(captions[n_train:n_train + 5], generated)]}
-    metrics = Path("metrics/zoo") / f"{model}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path("metrics/zoo") / f"{model}.json", report)
     typer.echo(f"zoo: {model} trained in {seconds:.0f} s; held-out accuracy {accuracy}")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

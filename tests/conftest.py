@@ -64,3 +64,22 @@ def smoke_project(tmp_path_factory) -> Path:
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "repro", cwd=repo)
     return repo
+
+
+# -- the real checkpoints, rehearsed (conngeo.models.rehearsal) ---------------------------------------------
+
+REHEARSAL_PROMPT = "Describe the image in one short sentence."
+REHEARSAL_CAPTIONS = ["A dog sleeps on a red sofa.", "Two cats play on the floor.", "A plate of food on a table.",
+                      "A man rides a bicycle down the street.", "A bowl of fruit beside a window.",
+                      "a dog on a red plate", "two apples and a banana"]
+
+
+@pytest.fixture(scope="session")
+def rehearsal_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every real checkpoint of the real profile, rehearsed (full width, random weights, one layer per tower),
+    built once per test session: name -> folder (as `hf download --local-dir` leaves it)."""
+    from conngeo.models.rehearsal import build_checkpoint, real_checkpoints
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build_checkpoint(entry, root / name, layers=1, words=[REHEARSAL_PROMPT, *REHEARSAL_CAPTIONS])
+            for name, entry in real_checkpoints().items()}

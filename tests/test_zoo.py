@@ -145,3 +145,32 @@ def test_siglip_retrieval_follows_the_models_own_logits():
             hits += sum(captions[b][j] == captions[b][i] for i, j in enumerate(best))
     assert got["top1"] == hits / 6 and got["n"] == 6
     assert got["chance"] == pytest.approx((3 * 1 / 3 + 1 / 3 + 2 * 2 / 3) / 6)
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(toy, tmp_path):
+    """train_captioner with a state file: killed after a save, run again, it ends with the losses and the
+    weights of a run that was never interrupted (the data order and the random states are resumed too)."""
+    images, captions = toy
+    cls = adapter_class("qwen2.5vl")
+
+    def fresh():
+        return cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, seed=0)
+
+    recipe = dict(steps=9, batch_size=3, lr=3e-3, warmup=2, augment=True, save_every=4)
+    straight = fresh()
+    want = train_captioner(straight, images, captions, **recipe)
+
+    def dies(step, values):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_captioner(interrupted, images, captions, state=tmp_path / "state.safetensors", log=dies, log_every=1,
+                        **recipe)
+    assert (tmp_path / "state.safetensors").is_file()  # saved after step 4
+    resumed = fresh()
+    got = train_captioner(resumed, images, captions, state=tmp_path / "state.safetensors", **recipe)
+    assert got == want and not (tmp_path / "state.safetensors").exists()
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name

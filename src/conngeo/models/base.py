@@ -14,6 +14,7 @@ point, token order, processor details, the tiny zoo config) stay inside that fil
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -21,9 +22,10 @@ from typing import ClassVar
 import torch
 from PIL import Image
 from transformers import GenerationConfig
+
+from ..data.vectors import resolve_dtype
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # generation settings a checkpoint's generation_config.json may carry that the study never uses: it
 # decodes plain greedy whatever the checkpoint suggests (e.g. Qwen2.5-VL's repetition_penalty 1.05)
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
@@ -32,14 +34,6 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penal
 
 class MissingCheckpointError(FileNotFoundError):
     pass
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def from_pretrained_kwargs() -> dict:
@@ -83,13 +77,14 @@ def checked_folder(folder, revision: str | None = None, hub: str | None = None) 
     return folder
 
 
-def placeholder_prompt(processor, prompt: str, placeholder: str) -> str:
-    """The user prompt with one image placeholder before it: through the processor's chat template
-    when it has one (real checkpoints), else the placeholder alone (the tiny zoo, which has no
-    prompt: `Adapter` refuses a prompt without a chat template)."""
-    if getattr(processor, "chat_template", None):
+def placeholder_prompt(processor, prompt: str, placeholder: str, template: str | None) -> str:
+    """The user prompt with one image placeholder before it, through the checkpoint's chat `template`
+    (the processor's or the tokenizer's: checkpoints keep it in either), else the placeholder alone
+    (the tiny zoo, which has no prompt: `Adapter` refuses a prompt without a chat template)."""
+    if template:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
     return placeholder
 
 
@@ -216,11 +211,22 @@ class Adapter(ABC):
 
     @abstractmethod
     def encode(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-image E_pre and E_post, exactly as the model computes them internally (float32, cpu)."""
+        """Per-image E_pre and E_post, exactly as the model computes them internally (its dtype, on the cpu)."""
 
     @abstractmethod
     def connect(self, pre: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Re-apply the real connector to per-image E_pre; connect(encode(x)[0]) == encode(x)[1]."""
+        """Re-apply the real connector to per-image E_pre (any float dtype; the result in the model's dtype, on the
+        cpu); connect(encode(x)[0]) == encode(x)[1]."""
+
+    def token_layout(self, n_pre: int, n_post: int) -> dict:
+        """How the stored tokens relate, for the stages that know no family (extraction records it in
+        the vector shards): `pre_to_post[t]`, the E_post token that E_pre token t goes into (None where
+        the connector mixes every token into every output), and `pre_raster`, the permutation that puts
+        the stored E_pre tokens in raster order over the patch grid (None if they are not a square grid).
+        Here: token t -> token t where the counts match, E_pre stored in raster order."""
+        side = math.isqrt(n_pre)
+        return {"pre_to_post": list(range(n_pre)) if n_pre == n_post else None,
+                "pre_raster": list(range(n_pre)) if side * side == n_pre else None}
 
     @torch.no_grad()
     def generate(self, images: list[Image.Image], post: list[torch.Tensor] | None = None,

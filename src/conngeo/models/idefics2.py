@@ -129,7 +129,7 @@ class Idefics2Adapter(Adapter):
 
     def prompt_text(self) -> str:
         """The prompt with one <image> placeholder (see the module docstring)."""
-        return placeholder_prompt(self.processor, self.prompt, IMAGE)
+        return placeholder_prompt(self.processor, self.prompt, IMAGE, self.chat_template)
 
     def prepare(self, images: list[Image.Image], captions: list[str] | None = None) -> dict:
         """input_ids and attention_mask (prompt, then caption + eos when given; left-padded),
@@ -169,8 +169,12 @@ class Idefics2Adapter(Adapter):
         if seen["post"].shape[0] != len(images):
             raise ValueError(f"Idefics2 dropped {len(images) - seen['post'].shape[0]} of {len(images)} images "
                              "whose pixel_values were all zero (it takes them for padding)")
-        pre, mask = seen["pre"].float().cpu(), seen["mask"].bool().cpu()
-        return [p[m] for p, m in zip(pre, mask)], list(seen["post"].float().cpu())
+        pre, mask = seen["pre"].cpu(), seen["mask"].bool().cpu()
+        return [p[m] for p, m in zip(pre, mask)], list(seen["post"].cpu())
+
+    def token_layout(self, n_pre: int, n_post: int) -> dict:
+        """The perceiver mixes every patch into every latent: no token correspondence."""
+        return {**super().token_layout(n_pre, n_post), "pre_to_post": None}
 
     @torch.no_grad()
     def connect(self, pre: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -178,7 +182,7 @@ class Idefics2Adapter(Adapter):
 
         def run(stack: torch.Tensor) -> torch.Tensor:
             mask = torch.ones(stack.shape[:2], dtype=torch.bool, device=self.device)
-            return connector(stack.to(self.device, self.dtype), attention_mask=mask).float().cpu()
+            return connector(stack.to(self.device, self.dtype), attention_mask=mask).cpu()
 
         if len({tuple(p.shape) for p in pre}) == 1:
             return list(run(torch.stack(pre)))

@@ -85,7 +85,7 @@ class LlavaAdapter(Adapter):
 
     def prompt_text(self) -> str:
         """The prompt with one <image> placeholder (see the module docstring)."""
-        return placeholder_prompt(self.processor, self.prompt, IMAGE)
+        return placeholder_prompt(self.processor, self.prompt, IMAGE, self.chat_template)
 
     def prepare(self, images: list[Image.Image], captions: list[str] | None = None) -> dict:
         """input_ids and attention_mask (prompt, then caption + eos when given; left-padded),
@@ -119,7 +119,7 @@ class LlavaAdapter(Adapter):
             self.model.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
         finally:
             handle.remove()
-        return list(seen["pre"].float().cpu()), list(seen["post"].float().cpu())
+        return list(seen["pre"].cpu()), list(seen["post"].cpu())
 
     @torch.no_grad()
     def connect(self, pre: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -128,7 +128,7 @@ class LlavaAdapter(Adapter):
             post = projector(torch.stack(pre).to(self.device, self.dtype))
         else:  # the projector is per token: images of different sizes go one by one
             post = [projector(p.to(self.device, self.dtype)) for p in pre]
-        return [p.float().cpu() for p in post]
+        return [p.cpu() for p in post]
 
     # -- the tiny zoo ------------------------------------------------------------------------------
     frozen_encoder = "clip"

@@ -32,7 +32,7 @@ from tokenizers import processors
 from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor,
                           Dinov2Config, Dinov2Model)
 
-from .references import CLIPReference, DinoReference
+from .references import CLIPReference
 
 Log = Callable[[int, dict], None] | None
 

@@ -30,6 +30,7 @@ The prompt's ids are built here: the chat template where the checkpoint has one 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -155,6 +156,12 @@ class Qwen2_5_VLAdapter(Adapter):
         """`raster_order` for this model's merge size (see the module docstring)."""
         return raster_order(grid_thw, self.merge_size, merged)
 
+    def token_layout(self, n_pre: int, n_post: int) -> dict:
+        """E_pre is stored merge unit by merge unit: rows 4j..4j+3 go into E_post row j (module docstring)."""
+        unit, side = self.merge_size ** 2, math.isqrt(n_pre)
+        return {"pre_to_post": [t // unit for t in range(n_pre)],
+                "pre_raster": self.raster_order((1, side, side)).tolist() if side * side == n_pre else None}
+
     def unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Permutation from the merger's (window) order of merge units to the LM's order, for all
         images of a batch together; None where the two agree."""
@@ -167,7 +174,7 @@ class Qwen2_5_VLAdapter(Adapter):
         """Token ids of the prompt for one image with `n_image_tokens` placeholders."""
         tok = self.tokenizer
         pad = tok.convert_tokens_to_ids(IMAGE_PAD)
-        template = getattr(self.processor, "chat_template", None)
+        template = self.chat_template
         if template is None:  # the tiny zoo: the vision tokens alone (a prompt needs a chat template)
             ids = [tok.convert_tokens_to_ids(VISION_START), pad, tok.convert_tokens_to_ids(VISION_END)]
         else:
@@ -227,7 +234,7 @@ class Qwen2_5_VLAdapter(Adapter):
         finally:
             handle.remove()
         unit = self.merge_size ** 2
-        pre, post = seen["pre"].float().cpu(), seen["post"].float().cpu()
+        pre, post = seen["pre"].cpu(), seen["post"].cpu()
         order = self.unit_order(grid)
         if order is not None:
             pre = pre.view(-1, unit, pre.shape[-1])[order].reshape(-1, pre.shape[-1])
@@ -238,7 +245,7 @@ class Qwen2_5_VLAdapter(Adapter):
     @torch.no_grad()
     def connect(self, pre: list[torch.Tensor]) -> list[torch.Tensor]:
         unit = self.merge_size ** 2
-        post = self.connector()(torch.cat(pre).to(self.device, self.dtype)).float().cpu()
+        post = self.connector()(torch.cat(pre).to(self.device, self.dtype)).cpu()
         return list(post.split([p.shape[0] // unit for p in pre]))
 
     # -- the tiny zoo ------------------------------------------------------------------------------

@@ -279,6 +279,19 @@ class ConnectorVariant(Adapter):
         save_file(weights, folder / WEIGHTS)
         (folder / CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
 
+    def token_layout(self, n_pre: int, n_post: int) -> dict:
+        """linear / mlp: token t -> token t; merger: a patch -> its 2x2 unit on the (padded) grid;
+        resampler: every latent sees every patch (no correspondence). E_pre keeps the base's order."""
+        layout = self.base.token_layout(n_pre, n_pre)
+        kind = self.config["kind"]
+        if kind == "merger":
+            side = grid_side(n_pre)
+            half = (side + 1) // 2
+            layout["pre_to_post"] = [(t // side) // 2 * half + (t % side) // 2 for t in range(n_pre)]
+        elif kind == "resampler":
+            layout["pre_to_post"] = None
+        return layout
+
     def set_image_size(self, size: int) -> None:
         self.base.set_image_size(size)  # the base's processor prepares the images
         self.image_size = size
@@ -304,7 +317,7 @@ class ConnectorVariant(Adapter):
             post = self._connector(torch.stack(pre).to(self.device, self.dtype))
         else:
             post = [self._connector(p.to(self.device, self.dtype)) for p in pre]
-        return [p.float().cpu() for p in post]
+        return [p.cpu() for p in post]
 
     # -- the tiny zoo ------------------------------------------------------------------------------
     @classmethod

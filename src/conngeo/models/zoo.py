@@ -8,14 +8,19 @@ train connector + language model; the Qwen families train everything jointly
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import interrupt
 from ..data.toyworld import caption_truth
+from ..schedule import warmup_cosine
+from ..training_state import load_state, save_state
 
 ATTRIBUTES = ("parses", "kinds", "counts", "colours", "exact")
 
@@ -43,32 +48,47 @@ def dihedral(image: Image.Image, draw: torch.Tensor) -> Image.Image:
     return image
 
 
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: linear warmup to 1, then cosine decay to 0.1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def train_captioner(adapter, images: list, captions: list[str], *, steps: int, batch_size: int, lr: float,
                     seed: int = 0, warmup: int = 100, weight_decay: float = 0.01, augment: bool = False,
-                    log: Callable[[int, dict], None] | None = None, log_every: int = 50) -> list[float]:
+                    log: Callable[[int, dict], None] | None = None, log_every: int = 50,
+                    state: Path | None = None, save_every: int = 100) -> list[float]:
     """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step.
 
     `augment` shows each image under a random flip/rotation (`dihedral`): only for captions that
     say nothing about left, right, up or down, as the toy world's do.
+    `state`: a file where every `save_every` steps the trained parameters, the optimizer, the step, the
+    data order and the random states are kept (conngeo.training_state), so that an interrupted run
+    resumes from its last save and ends as the uninterrupted one would; removed when training ends.
+    A SIGTERM (conngeo.interrupt) stops the loop right after a save.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     params = trainable_parameters(adapter)
+    named = {name: p for name, p in adapter.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     model = adapter.model.train()
     if not adapter.trains_vision_encoder:
         adapter.vision_encoder().eval()  # frozen: no dropout noise either
-    losses, perm = [], torch.empty(0, dtype=torch.long)
-    for step in tqdm(range(steps), desc=f"zoo {adapter.family}", unit="step"):
+    losses, perm, first = [], torch.empty(0, dtype=torch.long), 0
+    fp = hashlib.sha256(json.dumps([adapter.family, sorted(named), len(images), captions, steps, batch_size, lr,
+                                    seed, warmup, weight_decay, augment]).encode()).hexdigest()[:16]
+    loaded = load_state(state, fp, opt, next(iter(params)).device) if state else None
+    if loaded is not None:
+        weights, meta = loaded
+        with torch.no_grad():
+            for name, value in weights.items():
+                if name.startswith("rng."):
+                    continue
+                named[name].copy_(value)
+        first, losses, perm = meta["step"], meta["losses"], weights["rng.perm"].long()
+        torch.set_rng_state(weights["rng.torch"].to(torch.uint8))
+        order.set_state(weights["rng.order"].to(torch.uint8))
+        sched.last_epoch = first  # the schedule at step `first`, as `first` scheduler steps would leave it
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * warmup_cosine(first, steps, warmup)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
+    for step in tqdm(range(first, steps), desc=f"train {adapter.family}", unit="step", initial=first, total=steps):
         if len(perm) < batch_size:
             perm = torch.randperm(len(images), generator=order)
         idx, perm = perm[:batch_size].tolist(), perm[batch_size:]
@@ -86,7 +106,13 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(step, {"loss": sum(losses[-log_every:]) / len(losses[-log_every:]), "lr": sched.get_last_lr()[0]})
+        if state and (step + 1) % save_every == 0 and step + 1 < steps:
+            rng = {"rng.perm": perm, "rng.torch": torch.get_rng_state(), "rng.order": order.get_state()}
+            save_state(state, {**named, **rng}, opt, {"fingerprint": fp, "step": step + 1, "losses": losses})
+            interrupt.check(f"step {step + 1} of {steps}")
     model.eval()
+    if state:
+        Path(state).unlink(missing_ok=True)
     return losses
 
 
