@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ENV, run, tree_digest
+from conftest import run, tree_digest
 
 pytestmark = pytest.mark.e2e
 
