@@ -11,6 +11,7 @@ import typer
 from tqdm import tqdm
 
 from common import load_params, load_reference_model, reference_spec, run
+from conngeo import layout
 from conngeo.data.images import decode, scan
 from conngeo.data.targets import probe_targets
 from conngeo.data.vectors import read_embeddings, write_embeddings
@@ -32,7 +33,7 @@ def main(
     data, cfg = params["data"], params["references"]
     spec = reference_spec(space, params)
     root = root or Path(data["root"])
-    out = out or Path("data/refs") / space
+    out = out or layout.data("refs", space)
     folder = scan(root)
     reference = None if spec["kind"] == "attributes" else load_reference_model(spec, device or params["device"])
     bs, written, skipped = cfg["batch_size"], 0, []
@@ -47,6 +48,9 @@ def main(
             if kept:
                 batches.append(attribute_embedding(Path(spec["source"]), [it.stem for it in kept]) if reference is None
                                else reference.embed(images))
+        if not stems:
+            raise ValueError(f"{root / shard}: every image of this shard folder is unreadable (all {len(items)} "
+                             "skipped); replace them, or move the folder out of the image root")
         write_embeddings(out / shard, stems, torch.cat(batches))
         written += len(stems)
     for path, why in skipped:

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from common import load_params, model_spec, run
+from conngeo import layout
 from conngeo.captions.inputs import shard_folders
 from conngeo.captions.parts import verify_table
 from conngeo.data.images import check_images, scan
@@ -35,6 +36,8 @@ def images(root: Path = typer.Option(None, help="image root (default: params dat
     """Every image of the root decodes; lists each one that does not, with the reason."""
     root = root or Path(load_params()["data"]["root"])
     folder = scan(root)
+    for empty in folder.empty_shards:  # listed, not a problem: there is nothing in it to lose
+        typer.echo(f"verify images: {empty}: a shard folder with no .png/.jpg/.jpeg image, left out")
     bad = check_images(folder)
     report("images", [f"{path}: cannot read image ({why}); replace or delete it, or set data.on_bad_image: skip"
                       for path, why in bad], f"{len(folder)} images in {len(folder.shards)} shards under {root}")
@@ -53,7 +56,7 @@ def vectors(
     if dtype:
         spec["dtype"] = dtype
     spec["store_dtype"] = params["extract"]["store_dtype"] or spec["dtype"]
-    out = out or Path("data/vectors") / model
+    out = out or layout.data("vectors", model)
     folder = scan(root or Path(params["data"]["root"]))
     report(f"vectors {model}", verify_extraction(folder.items, out, spec),
            f"{len(folder.items)} images in {len(folder.shards)} shards under {out}")
@@ -66,8 +69,8 @@ def captions(
     out: Path = typer.Option(None, help="the captions' output folder (default data/captions/<model>)"),
 ):
     """Every stem of the vectors exactly once, in order, in captions.csv; no partial files."""
-    vectors = vectors or Path("data/vectors") / model
-    out = out or Path("data/captions") / model
+    vectors = vectors or layout.data("vectors", model)
+    out = out or layout.data("captions", model)
     stems = [r[0] for f in shard_folders(vectors, f"dvc repro extract@{model}") for r in read_index(f)]
     report(f"captions {model}", verify_table(out / "captions.csv", stems), f"{len(stems)} images in {out}")
 

@@ -53,7 +53,7 @@ def files(folder):
 
 def test_shards_hold_what_the_adapter_computes(adapter, items, tmp_path):
     summary = extract(adapter, items, tmp_path, SPEC, batch_size=3, save_every=4)
-    assert summary["shards"] == {"shard000": "done", "shard001": "done"}
+    assert summary["shards"] == {"shard000": "done", "shard001": "done"} and summary["computed"] == len(items)
     shard = read_shard(tmp_path / "shard001")
     assert shard.stems == [it.stem for it in items if it.shard == "shard001"]
     images = [load_image(it.path) for it in items if it.shard == "shard001"]
@@ -77,6 +77,7 @@ def test_interrupted_run_resumes_to_identical_bytes(adapter, items, tmp_path):
     summary = extract(counting, items, tmp_path / "resumed", SPEC, batch_size=3, save_every=4)
     assert summary["shards"] == {"shard000": "resumed", "shard001": "done"}
     assert 10**6 - counting.n == 1 + 3  # only the missing chunk of shard000, then shard001
+    assert summary["computed"] == 3 + 7  # its 3 images and shard001's 7: the 4 of the finished part are kept
     assert files(tmp_path / "resumed") == files(tmp_path / "clean")
 
 

@@ -52,10 +52,11 @@ def fingerprint(model_spec: dict, items: list[Item]) -> str:
 
 class _Images(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers, so decoding overlaps the model's work: (item, image), or
-    (item, the BadImageError) where skipping is allowed."""
+    (item, the BadImageError). The error is returned, not raised: raised in a worker, the DataLoader
+    would raise it again with the worker's traceback in its message."""
 
-    def __init__(self, items: list[Item], skip_bad: bool):
-        self.items, self.skip_bad = items, skip_bad
+    def __init__(self, items: list[Item]):
+        self.items = items
 
     def __len__(self):
         return len(self.items)
@@ -64,9 +65,7 @@ class _Images(torch.utils.data.Dataset):
         try:
             return self.items[i], load_image(self.items[i].path)
         except BadImageError as err:
-            if not self.skip_bad:
-                raise
-            return self.items[i], err
+            return self.items[i], BadImageError(str(err))
 
 
 def _as_list(pairs):
@@ -77,15 +76,20 @@ def _part_path(folder: Path, chunk: int) -> Path:
     return folder / "parts" / f"part{chunk:05d}.safetensors"
 
 
-def _part_meta(path: Path, fp: str) -> dict | None:
-    """The metadata of a finished part with fingerprint `fp` (stems, token counts, skipped), or None."""
+def _part_meta(path: Path, fp: str, chunk: list[Item] | None = None) -> dict | None:
+    """The metadata of a finished part with fingerprint `fp` (stems, token counts, skipped), or None;
+    given `chunk`, None too unless the part holds exactly its images (a part of a run with another
+    save_every holds other images under the same number)."""
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("fingerprint") != fp:
         return None
-    return {k: json.loads(meta[k]) for k in ("stems", "pre_tokens", "post_tokens", "skipped", "layout")}
+    meta = {k: json.loads(meta[k]) for k in ("stems", "pre_tokens", "post_tokens", "skipped", "layout")}
+    if chunk is not None and sorted(meta["stems"] + [s for s, _ in meta["skipped"]]) != sorted(it.stem for it in chunk):
+        return None
+    return meta
 
 
 class OneShape:
@@ -116,8 +120,9 @@ def _is_done(folder: Path, fp: str) -> bool:
 def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size: int = 32,
                   save_every: int = 256, num_workers: int = 0, desc: str = "extract",
                   mine: set[int] | None = None, shape: OneShape | None = None, on_bad_image: str = "error",
-                  store_dtype: torch.dtype | None = None) -> str:
-    """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed".
+                  store_dtype: torch.dtype | None = None) -> tuple[str, int]:
+    """Write one shard of vectors for `items` into `folder`; returns "done", "skipped" or "resumed", and
+    how many images were encoded now (the rest came from the finished parts of an interrupted run).
 
     mine: only these chunk numbers (a worker's share, see `assign`): their part files are written and
     the shard is left unjoined for a later plain run; returns "parts" then.
@@ -131,30 +136,36 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
     folder = Path(folder)
     stamp = folder / FINGERPRINT
     if _is_done(folder, fp):
-        return "skipped"
+        return "skipped", 0
     folder.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)  # the old shard (if any) is being replaced; harmless if two workers race
+    # the old shard (if any) is being replaced: until the join it must not look complete to a reader (no
+    # index.csv), or an interrupted run would leave another model's vectors in place; harmless if workers race
+    stamp.unlink(missing_ok=True)
+    (folder / vectors.INDEX).unlink(missing_ok=True)
     chunks = [items[i:i + save_every] for i in range(0, len(items), save_every)]
-    resumed = False
+    resumed, computed = False, 0
     todo = range(len(chunks)) if mine is None else sorted(mine)
     bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=desc, unit="img")
     for c in todo:
         chunk = chunks[c]
-        if _part_meta(_part_path(folder, c), fp) is not None:
+        if _part_meta(_part_path(folder, c), fp, chunk) is not None:
             resumed = True
             bar.update(len(chunk))
             continue
         kept, skipped, pre, post = [], [], [], []
-        loader = DataLoader(_Images(chunk, on_bad_image == "skip"), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=_as_list)
+        loader = DataLoader(_Images(chunk), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
         for pairs in loader:
-            skipped += [[it.stem, str(err)] for it, err in pairs if isinstance(err, BadImageError)]
+            bad = [(it, err) for it, err in pairs if isinstance(err, BadImageError)]
+            if bad and on_bad_image == "error":
+                raise bad[0][1]
+            skipped += [[it.stem, str(err)] for it, err in bad]
             good = [(it, image) for it, image in pairs if not isinstance(image, BadImageError)]
             if good:
                 p, q = adapter.encode([image for _, image in good])
                 for (it, _), a, b in zip(good, p, q):
                     shape.check(it.stem, a.shape, b.shape)
                 kept += [it.stem for it, _ in good]
+                computed += len(good)
                 pre += [a.to(store_dtype or a.dtype) for a in p]
                 post += [b.to(store_dtype or b.dtype) for b in q]
             bar.update(len(pairs))
@@ -169,19 +180,21 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
         interrupt.check(f"{part.name} of {folder}")
     bar.close()
     if mine is not None:
-        return "parts"
-    _join(folder, [_part_path(folder, c) for c in range(len(chunks))], fp)
-    return "resumed" if resumed else "done"
+        return "parts", computed
+    _join(folder, [_part_path(folder, c) for c in range(len(chunks))], fp, items[0].path.parent)
+    return "resumed" if resumed else "done", computed
 
 
-def _join(folder: Path, parts: list[Path], fp: str) -> None:
-    """The parts, in order, streamed into the shard's files one part at a time; then removed."""
+def _join(folder: Path, parts: list[Path], fp: str, source: Path) -> None:
+    """The parts, in order, streamed into the shard's files one part at a time; then the parts folder is
+    removed (with any part an earlier run of another model or save_every left). `source`: the shard's
+    image folder, named when none of its images could be read."""
     metas = [_part_meta(path, fp) for path in parts]
     stems = [s for m in metas for s in m["stems"]]
     if not stems:
-        raise ValueError(f"{folder}: every image of this shard was unreadable and skipped "
-                         f"({sum(len(m['skipped']) for m in metas)} images); replace them or remove the shard folder "
-                         "from the image root")
+        raise ValueError(f"{source}: every image of this shard folder is unreadable (all "
+                         f"{sum(len(m['skipped']) for m in metas)} skipped); replace them, or move the folder out "
+                         "of the image root")
     counts = {side: [n for m in metas for n in m[f"{side}_tokens"]] for side in ("pre", "post")}
     (folder / vectors.INDEX).unlink(missing_ok=True)  # incomplete while the files are written
     for side in ("pre", "post"):
@@ -199,9 +212,7 @@ def _join(folder: Path, parts: list[Path], fp: str) -> None:
     layout = next(m["layout"] for m in metas if m["stems"])
     (folder / FINGERPRINT).write_text(json.dumps({"fingerprint": fp, "images": len(stems), "skipped": skipped,
                                                   "layout": layout}) + "\n")
-    for path in parts:
-        path.unlink()
-    (folder / "parts").rmdir()
+    shutil.rmtree(folder / "parts")
 
 
 def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dict[str, set[int]]:
@@ -224,14 +235,15 @@ def assign(items: list[Item], save_every: int, worker: int, workers: int) -> dic
 def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int = 0, workers: int = 1,
             setting: str = "the model's image size", **kwargs) -> dict:
     """Extract every shard of `items` into `out/<shard>/`; returns a small summary for logs/metrics
-    (images, the images skipped as unreadable with the reason, per-shard status, seconds).
+    (images, the images skipped as unreadable with the reason, per-shard status, images encoded now,
+    seconds; the last three differ between an interrupted-and-resumed run and an uninterrupted one).
 
     With workers > 1, only worker `worker`'s share of part files (see `assign`); a plain run joins them.
     setting: what fixes the image geometry, named when two images give different token shapes.
     kwargs: extract_shard's (batch_size, save_every, num_workers, on_bad_image, store_dtype).
     """
     start = time.perf_counter()
-    status, shape = {}, OneShape(setting)
+    status, computed, shape = {}, 0, OneShape(setting)
     shards = sorted({it.shard for it in items})
     if workers == 1 and Path(out).is_dir():  # a shard no longer under the image root is not this study's
         for stale in sorted(p for p in Path(out).iterdir() if p.is_dir() and p.name not in shards):
@@ -243,10 +255,11 @@ def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int
         mine = None if share is None else share[shard]
         if mine is not None and not mine:
             continue  # nothing of this shard is ours; do not even create its folder
-        status[shard] = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}",
-                                      mine=mine, shape=shape, **kwargs)
+        status[shard], now = extract_shard(adapter, shard_items, Path(out) / shard, fp, desc=f"extract {shard}",
+                                           mine=mine, shape=shape, **kwargs)
+        computed += now
     skipped = [s for shard in shards if share is None for s in skipped_images(Path(out) / shard)]
-    return {"images": len(items) - len(skipped), "skipped": skipped, "shards": status,
+    return {"images": len(items) - len(skipped), "skipped": skipped, "shards": status, "computed": computed,
             "seconds": round(time.perf_counter() - start, 2)}
 
 

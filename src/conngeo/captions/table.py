@@ -19,7 +19,7 @@ def write_table(path: Path, columns: dict[str, list]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(list(columns))
         writer.writerows(zip(*columns.values()))
@@ -31,7 +31,7 @@ def read_table(path: Path, required: tuple[str, ...] = ()) -> dict[str, list[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: caption table not found; run the stage that writes it (`dvc repro`)")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

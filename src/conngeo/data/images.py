@@ -4,9 +4,10 @@
                                                                                       one per line)
 
 Shards and stems come back sorted. Listing a folder opens no image. Nothing is dropped silently: a
-missing caption is listed in `missing_captions`; an unreadable image, when it is decoded, either
-raises `BadImageError` (naming the file and the fix) or, with on_bad_image="skip", is listed with the
-reason (`decode`).
+missing caption is listed in `missing_captions`, a shard folder without any image in `empty_shards`;
+an unreadable image, when it is decoded, either raises `BadImageError` (naming the file and the fix)
+or, with on_bad_image="skip", is listed with the reason (`decode`). Every image is decoded to 8-bit
+RGB whatever its mode (grey, palette, RGBA, CMYK, 16-bit grey).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -38,7 +40,7 @@ class Item:
 
 def read_references(path: Path) -> list[str]:
     """The non-empty lines of a reference file, stripped, in order."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ImageFolder:
     root: Path
     items: list[Item] = field(default_factory=list)
     missing_captions: list[Path] = field(default_factory=list)  # the .txt files that were expected
+    empty_shards: list[Path] = field(default_factory=list)  # shard folders holding no image (left out)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,12 +61,21 @@ class ImageFolder:
         return sorted({it.shard for it in self.items})
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit grey (PNG "I;16", or "I") is scaled by 1/257 first: Pillow's own
+    conversion clips it at 255, which turns nearly every pixel white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        grey = np.asarray(img).astype(np.float64) / 257
+        img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB, or raise BadImageError naming the file and what to do."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:  # PIL raises several types for broken files
         raise BadImageError(
             f"{path}: cannot read image ({type(err).__name__}: {err}). Replace or delete the file, "
@@ -88,6 +100,8 @@ def scan(root: Path, shards: list[str] | None = None) -> ImageFolder:
     folder, where = ImageFolder(root), {}
     for shard in shards:
         paths = sorted(p for p in (root / shard).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            folder.empty_shards.append(root / shard)
         for path in paths:
             if path.stem in where:  # a stem names one image: the split, the joins and every table key on it
                 raise ValueError(f"{path} and {where[path.stem]}: two images with the stem {path.stem!r}; rename "

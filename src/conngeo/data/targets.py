@@ -28,7 +28,7 @@ TOY, OBJECTS = "attributes.csv", "objects.csv"
 
 
 def _rows(path: Path, stems: list[str]) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         by_stem = {row["stem"]: row for row in csv.DictReader(f)}
     missing = [s for s in stems if s not in by_stem]
     if missing:

@@ -223,7 +223,7 @@ def generate(root: Path, *, split: str, seed: int, shards: int, images_per_shard
                      f"{scene.plate_x:.4f}", f"{scene.plate_y:.4f}", f"{scene.plate_half_side:.4f}",
                      f"{scene.food_scale:.4f}", text])
     (root / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
-    with open(root / "attributes.csv.tmp", "w", newline="") as f:
+    with open(root / "attributes.csv.tmp", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(ATTRIBUTE_COLUMNS)
         writer.writerows(rows)

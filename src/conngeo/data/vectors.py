@@ -99,7 +99,7 @@ class TensorWriter:
 def write_index(folder: Path, stems: list[str], pre_tokens: list[int], post_tokens: list[int] | None = None) -> None:
     """index.csv (stem, pre_tokens[, post_tokens]) through a temporary name: the shard's completion mark."""
     tmp = Path(folder) / (INDEX + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:  # csv quoting: a stem may hold a comma or a quote
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["stem", "pre_tokens"] + (["post_tokens"] if post_tokens is not None else []))
         for row in zip(stems, pre_tokens, *([post_tokens] if post_tokens is not None else [])):
@@ -139,7 +139,7 @@ def shard_folders(root: Path, produced_by: str) -> list[Path]:
 
 def read_index(folder: Path) -> list[tuple[str, int, int]]:
     """(stem, pre_tokens, post_tokens) per image; post_tokens 0 where the shard holds E_pre only."""
-    with open(Path(folder) / INDEX, newline="") as f:
+    with open(Path(folder) / INDEX, newline="", encoding="utf-8") as f:
         return [(r["stem"], int(r["pre_tokens"]), int(r.get("post_tokens") or 0)) for r in csv.DictReader(f)]
 
 
@@ -264,7 +264,8 @@ class VectorReader:
                 if not torch.isfinite(mat).all():
                     raise ValueError(f"{self.folders[k] / side}.safetensors: image {self.stems[indices[i + n]]} contains "
                                      "NaN or inf; delete the shard folder and rerun the stage that wrote it (`dvc repro "
-                                     "extract`), or drop the image from the study")
+                                     "extract`; if it comes back, run the model in float32: its dtype in params.yaml "
+                                     "models), or drop the image from the study")
             out += mats
             i = j
         return out
@@ -301,7 +302,10 @@ def write_embeddings(folder: Path, stems: list[str], embeddings: torch.Tensor) -
     (folder / INDEX).unlink(missing_ok=True)
     atomic_save({"embeddings": embeddings.detach().cpu()}, folder / EMBEDDINGS)
     tmp = folder / (INDEX + ".tmp")
-    tmp.write_text("stem\n" + "".join(f"{s}\n" for s in stems))
+    with open(tmp, "w", newline="", encoding="utf-8") as f:  # csv quoting: a stem may hold a comma or a quote
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["stem"])
+        writer.writerows([s] for s in stems)
     os.replace(tmp, folder / INDEX)
 
 
@@ -312,7 +316,8 @@ def read_embeddings(folders: list[Path]) -> tuple[list[str], torch.Tensor]:
         if not (folder / INDEX).is_file() or not (folder / EMBEDDINGS).is_file():
             raise FileNotFoundError(f"{folder}: incomplete embeddings (needs {INDEX} and {EMBEDDINGS}); "
                                     "rerun the stage that writes it (e.g. `dvc repro references`)")
-        rows = (folder / INDEX).read_text().splitlines()[1:]
+        with open(folder / INDEX, newline="", encoding="utf-8") as f:
+            rows = [r["stem"] for r in csv.DictReader(f)]
         emb = load_file(str(folder / EMBEDDINGS))["embeddings"]
         if len(rows) != emb.shape[0]:
             raise ValueError(f"{folder / EMBEDDINGS}: {emb.shape[0]} rows but {INDEX} lists {len(rows)} stems; "

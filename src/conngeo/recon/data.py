@@ -135,14 +135,17 @@ def split_by_stem(stems: list[str], val_fraction: float, test_fraction: float) -
 
 
 def write_split(path: Path, stems: list[str], split: list[str]) -> None:
-    with open(path, "w", newline="") as f:  # csv quoting: a stem may hold a comma or a quote
+    with open(path, "w", newline="", encoding="utf-8") as f:  # csv quoting: a stem may hold a comma or a quote
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["stem", "split"])
         writer.writerows(zip(stems, split))
 
 
 def read_split(path: Path) -> dict[str, str]:
-    with open(path, newline="") as f:
+    """stem -> split, as write_split wrote them (saved beside the reconstructor by the recon stage)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no split file; (re)run `dvc repro recon` first")
+    with open(path, newline="", encoding="utf-8") as f:
         return {row["stem"]: row["split"] for row in csv.DictReader(f)}
 
 
