@@ -25,7 +25,7 @@ import typer
 from tqdm import tqdm
 
 from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
-from conngeo import interrupt
+from conngeo import interrupt, layout
 from conngeo.captions import parts, write_table
 from conngeo.captions.inputs import match_images
 from conngeo.data.images import load_image, scan
@@ -68,10 +68,10 @@ def main(
     if dtype:
         spec["dtype"] = dtype
     root = root or Path(data["root"])
-    vectors = vectors or Path("data/vectors") / model
-    recon_vectors = recon_vectors or Path("data/recon_vectors") / model
-    recon_dir = recon_dir or Path("data/recon") / model
-    out = out or Path("data/captions") / model
+    vectors = vectors or layout.data("vectors", model)
+    recon_vectors = recon_vectors or layout.data("recon_vectors", model)
+    recon_dir = recon_dir or layout.data("recon", model)
+    out = out or layout.data("captions", model)
     batch_size = batch_size or cfg["batch_size"]
     max_new_tokens = max_new_tokens or cfg["max_new_tokens"]
 
@@ -145,7 +145,7 @@ def main(
     if recon:
         summary["empty_recon"] = sum(not c.strip() for c in table["recon"])
         summary["recon_equals_post"] = sum(a == b for a, b in zip(table["post"], table["recon"])) / max(n, 1)
-    metrics = metrics or Path("metrics/captions") / f"{model}.json"
+    metrics = metrics or layout.details("captions", model)
     write_json(metrics, summary)
     typer.echo(f"captions: {model}: {n} images from {vectors}{' and ' + str(recon_vectors) if recon else ''} -> "
                f"{out / 'captions.csv'} ({computed} captioned now, {n - computed} kept from earlier parts) in "

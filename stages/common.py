@@ -1,9 +1,13 @@
 """What every stage script shares: running it (one-line errors, a polite stop on SIGTERM), reading
 params.yaml, and resolving a model name to its checkpoint."""
 
+import atexit
+import difflib
 import json
+import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -54,8 +58,54 @@ def write_json(path: Path, value) -> None:
     tmp.replace(path)
 
 
-def load_params(path: Path = PARAMS) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+def write_timings(stage: str, name: str, **seconds: float) -> None:
+    """Wall-clock seconds of a stage's run, kept out of its outputs and metrics (they differ on every run, so
+    `dvc metrics diff` would list them): logs/timings/<stage>/<name>.json, git-ignored."""
+    write_json(Path("logs/timings") / stage / f"{name}.json", {k: round(v, 2) for k, v in seconds.items()})
+
+
+class Params(Mapping):
+    """A read-only view of params.yaml that reads strictly: a key that is not there is a one-line error
+    naming it and the nearest key that is (a typo in params.yaml never falls back to a default, because
+    there are none outside params.yaml). Every leaf read and every section whose keys are listed is
+    recorded; with CONNGEO_PARAMS_LOG set the stage appends what it read to that file at exit (the test
+    that every key a stage reads is declared in its dvc.yaml `params` reads it)."""
+
+    def __init__(self, data: dict, path: str = "", read: set | None = None):
+        self._data, self._path, self._read = data, path, read if read is not None else set()
+
+    def _key(self, key) -> str:
+        return f"{self._path}.{key}" if self._path else str(key)
+
+    def __getitem__(self, key):
+        if key not in self._data:
+            near = difflib.get_close_matches(str(key), [str(k) for k in self._data], n=1)
+            hint = f" (is `{self._key(near[0])}` a typo of it?)" if near else ""
+            raise KeyError(f"params.yaml has no `{self._key(key)}`{hint}; add it as in the committed params.yaml")
+        value = self._data[key]
+        if isinstance(value, dict):
+            return Params(value, self._key(key), self._read)
+        self._read.add(self._key(key))
+        return value
+
+    def __iter__(self):
+        self._read.add(self._path + "/keys")  # the section's key set was read (e.g. which models there are)
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def plain(self) -> dict:
+        """The section as plain data (every key in it read)."""
+        return {k: v.plain() if isinstance(v, Params) else v for k, v in self.items()}
+
+
+def load_params(path: Path = PARAMS) -> Params:
+    params = Params(yaml.safe_load(Path(path).read_text()) or {})
+    log = os.environ.get("CONNGEO_PARAMS_LOG")
+    if log:
+        atexit.register(lambda: open(log, "a").write(json.dumps({"argv": sys.argv, "read": sorted(params._read)}) + "\n"))
+    return params
 
 
 def checkpoint_spec(where: str, entry: dict, keys) -> dict:
@@ -85,7 +135,9 @@ def model_spec(name: str, params: dict) -> dict:
 
 def load_model(spec: dict, device: str):
     """The adapter of a `model_spec`, on `device`."""
-    from conngeo.models import load_adapter  # here: a stage that only joins parts never imports the families
+    from conngeo.models import (
+        load_adapter,  # here: a stage that only joins parts never imports the families
+    )
 
     return load_adapter(spec["family"], spec["source"], revision=spec["revision"], device=device,
                         dtype=spec["dtype"], prompt=spec["prompt"], image_size=spec["image_size"], hub=spec["hub"])

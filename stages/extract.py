@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import typer
 
-from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
+from common import LazyAdapter, load_model, load_params, model_spec, run, write_json, write_timings
+from conngeo import layout
 from conngeo.data.images import scan
 from conngeo.data.vectors import resolve_dtype
 from conngeo.extraction import extract
@@ -51,10 +52,12 @@ def main(
     if dtype:
         spec["dtype"] = dtype
     root = root or Path(data["root"])
-    out = out or Path("data/vectors") / model
+    out = out or layout.data("vectors", model)
     if not skip_existing and out.exists():
         shutil.rmtree(out)
     folder = scan(root, shards=shards or None)
+    for empty in folder.empty_shards:
+        typer.echo(f"extract: {empty}: a shard folder without images (left out)")
     if folder.missing_captions:
         typer.echo(f"extract: {len(folder.missing_captions)} images without a reference file (kept; e.g. "
                    f"{folder.missing_captions[0]})")
@@ -73,10 +76,13 @@ def main(
         return
     for stem, why in summary["skipped"]:
         typer.echo(f"extract: skipped unreadable image {stem}: {why}")
-    summary.update(model=spec, store_dtype=store, missing_captions=len(folder.missing_captions))
-    metrics = metrics or Path("metrics/extract") / f"{model}.json"
-    write_json(metrics, summary)
-    typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out} in {summary['seconds']} s")
+    # the JSON is the same whether or not the run was interrupted; how the work went is printed
+    report = {"images": summary["images"], "skipped": summary["skipped"], "model": spec, "store_dtype": store,
+              "missing_captions": len(folder.missing_captions)}
+    write_json(metrics or layout.details("extract", model), report)
+    write_timings("extract", model, total=summary["seconds"])
+    typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out}: {summary['computed']} encoded "
+               f"now, the rest kept from finished shards or parts ({summary['shards']}) in {summary['seconds']} s")
 
 
 if __name__ == "__main__":

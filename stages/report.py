@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from common import load_params, run
+from common import load_params, run, write_json
+from conngeo import layout
 from conngeo.recon.figures import note_figure
 from conngeo.report import connectors, figures, tables
 
@@ -47,7 +48,7 @@ def main(
     n_perm = cfg["permutations"] if permutations is None else permutations
     try:  # missing or stale inputs: say which and what to rerun, without a traceback
         data = {m: tables.load_model(inputs, m, [f"{mode}_{lv}" for mode in modes for lv in levels]) for m in models}
-        references = pd.concat([tables.read_csv(inputs / "data/refs" / space / "probes.csv", index=None)
+        references = pd.concat([tables.read_csv(layout.data("refs", space, inputs) / "probes.csv", index=None)
                                 for space in params["references"]["spaces"]] or [pd.DataFrame()], ignore_index=True)
         k = cfg["k"] or max(data[models[0]].knn_metrics["ks"])  # the largest k the knn stage computed (clipped)
         fractions = {mode: tables.common_fraction(data, mode, levels, cfg["max_fraction"]) for mode in modes}
@@ -93,6 +94,8 @@ def main(
         "caption (all images) and the recon caption (test images), perturbation sensitivity (mean drop of the score "
         f"over the actual fraction changed, up to {', '.join(f'{m} {f:.3g}' for m, f in fractions.items())}).\n\n"
         + tables.markdown(transposed) + refs_md)
+    for row in summary.to_dict("records"):  # the DVC metrics: a dozen numbers per model
+        write_json(out / "metrics" / f"{row['model']}.json", tables.headline(row, k, modes))
     q.to_csv(out / "question.csv", index=False, float_format="%.6g")
     (out / "question.md").write_text(tables.question_text(q, measures, n_perm, n_boot, k, cfg["alpha"],
                                                           cfg["min_changed"]))
@@ -114,7 +117,7 @@ def main(
         figures.probes(probes, fig / "probes.png")
     else:
         note_figure(fig / "probes.png", "no ground truth for this image root (attributes.csv / objects.csv): no probes")
-    kinds = connectors.connector_kinds(params)
+    kinds = connectors.connector_kinds(params, {m: d.knn_metrics.get("connector") for m, d in data.items()})
     if kinds:  # connector experiments: each kind on its base's encoder and language model
         table = connectors.connector_table(summary, kinds, k, modes)
         rho = connectors.geometry_vs_stability(table, k, modes)

@@ -22,7 +22,7 @@ import torch
 import typer
 
 from common import checkpoint_spec, load_params, run, write_json
-from conngeo import interrupt
+from conngeo import interrupt, layout
 from conngeo.captions import parts, read_table, write_table
 from conngeo.captions.inputs import match_images
 from conngeo.data.images import load_image, scan
@@ -78,9 +78,9 @@ def main(
     cfg, data = params["score"], params["data"]
     device = device or params["device"]
     root = root or Path(data["root"])
-    captions = captions or Path("data/captions") / model / "captions.csv"
-    perturb_root = perturb_root or Path("data/perturb") / model
-    out = out or Path("data/scores") / model
+    captions = captions or layout.data("captions", model) / "captions.csv"
+    perturb_root = perturb_root or layout.data("perturb", model)
+    out = out or layout.data("scores", model)
 
     base = read_table(captions, required=("stem", "post"))
     stems, post = base["stem"], base["post"]
@@ -121,7 +121,7 @@ def main(
     if cfg["truth"]:
         summary["truth"] = {"references_parsed": sum(reference_parses(r[0]) for r in references if r)}
     # a set scored by an interrupted run of the same settings on the same captions is kept
-    settings = {"score": cfg, "clip": space, "sets": list(sets)}
+    settings = {"score": cfg.plain(), "clip": space, "sets": list(sets)}
     inputs = [captions] + [perturb_root / mode / str(level) / "captions.csv"
                            for mode in params["perturb"]["modes"] for level in params["perturb"]["levels"]]
     fp = parts.fingerprint(settings, inputs)
@@ -164,7 +164,7 @@ def main(
     keys = list(dict.fromkeys(k for row in rows for k in row))
     write_table(out / "summary.csv", {k: ["" if row.get(k) is None else row.get(k) for row in rows] for k in keys})
     summary["bertscore"]["pairs_computed"] = bert.pairs_computed
-    write_json(metrics or Path("metrics/score") / f"{model}.json", summary)
+    write_json(metrics or layout.details("score", model), summary)
     typer.echo(f"score: {model}: {len(sets)} caption sets x {len(stems)} images ({scored} scored now): "
                f"{len(texts)} distinct texts embedded by CLIP, {bert.pairs_computed} distinct BERTScore pairs computed; "
                f"-> {out} in {time.perf_counter() - start:.1f} s; post CLIPScore {summary['post']['clipscore']}, "

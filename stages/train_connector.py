@@ -15,7 +15,8 @@ import torch
 import typer
 from dvclive import Live
 
-from common import dvclive_logger, load_model, load_params, model_spec, run, write_json
+from common import dvclive_logger, load_model, load_params, model_spec, run, write_json, write_timings
+from conngeo import layout
 from conngeo.data.images import load_image, scan
 from conngeo.models.variant import ConnectorVariant
 from conngeo.models.zoo import caption_accuracy, train_captioner
@@ -40,13 +41,13 @@ def main(
     torch.set_num_threads(cfg["threads"])
     device = device or params["device"]
     train_root = train_root or Path(cfg["train_root"])
-    out = out or Path("data/models") / variant
-    metrics = metrics or Path("metrics/connectors") / f"{variant}.json"
+    out = out or layout.data("models", variant)
+    metrics = metrics or layout.details("connectors", variant)
 
     items = scan(train_root).items
     heldout = params["zoo"]["heldout"]
     n_train = len(items) - heldout
-    if cfg.get("images"):  # the image budget (real checkpoints): the first `images` training images
+    if cfg["images"]:  # the image budget (real checkpoints): the first `images` training images
         n_train = min(n_train, cfg["images"])
     train, test = items[:n_train], items[len(items) - heldout:]
     images, captions = [load_image(it.path) for it in train], [it.caption for it in train]
@@ -64,7 +65,7 @@ def main(
                f"{n_train} training images, {heldout} held out")
 
     start = time.perf_counter()
-    with Live(dir=f"dvclive/connectors/{variant}", dvcyaml=False, save_dvc_exp=False) as live:
+    with Live(dir=str(layout.live("connectors", variant)), dvcyaml=False, save_dvc_exp=False) as live:
         # the state file makes an interrupted training resume (it goes once the training ends)
         out.mkdir(parents=True, exist_ok=True)
         losses = train_captioner(adapter, images, captions, steps=recipe["steps"], batch_size=recipe["batch_size"],
@@ -72,6 +73,7 @@ def main(
                                  log=dvclive_logger(live, prefix="train/"), state=out / "train_state.safetensors",
                                  save_every=cfg["save_every"])
     seconds = time.perf_counter() - start
+    write_timings("train_connector", variant, train=seconds)
 
     adapter.save(out)
     reloaded = ConnectorVariant.load(out, device=device, dtype=spec["dtype"],  # as the study loads it
@@ -82,8 +84,8 @@ def main(
               "size": adapter.config["size"], "connector_parameters": n_params,
               "image_tokens": adapter.image_tokens, "native_image_tokens": adapter.config["native_image_tokens"],
               "steps": recipe["steps"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
-              "augment": recipe.get("augment", False), "threads": cfg["threads"], "device": device,
-              "train_images": n_train, "heldout_images": heldout, "train_seconds": round(seconds, 1),
+              "augment": recipe["augment"], "threads": cfg["threads"], "device": device,
+              "train_images": n_train, "heldout_images": heldout,
               "final_loss": sum(tail) / max(len(tail), 1), "accuracy": accuracy, "base_accuracy": base_accuracy,
               "examples": [{"reference": r, "generated": g} for r, g in zip(test_captions[:5], generated)]}
     write_json(metrics, report)

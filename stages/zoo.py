@@ -17,7 +17,8 @@ import typer
 import torch
 from dvclive import Live
 
-from common import dvclive_logger, load_params, run, write_json
+from common import dvclive_logger, load_params, run, write_json, write_timings
+from conngeo import layout
 from conngeo.data.images import load_image, scan
 from conngeo.models import adapter_class
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
@@ -39,7 +40,7 @@ def main(
     zoo, size = params["zoo"], params["toyworld"]["toyfood"]["image_size"]
     torch.set_num_threads(zoo["threads"])
     recipe = zoo["models"][model]
-    out = out or Path("data/models") / model
+    out = out or layout.data("models", model)
     cls = adapter_class(recipe["family"])
 
     items = scan(train_root).items
@@ -55,23 +56,24 @@ def main(
                + (f", frozen {cls.frozen_encoder} encoder" if cls.frozen_encoder else ""))
 
     start = time.perf_counter()
-    with Live(dir=f"dvclive/zoo/{model}", dvcyaml=False, save_dvc_exp=False) as live:
+    with Live(dir=str(layout.live("zoo", model)), dvcyaml=False, save_dvc_exp=False) as live:
         log = dvclive_logger(live, prefix="train/")
         train_captioner(adapter, images[:n_train], captions[:n_train], steps=recipe["steps"],
                         batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"],
-                        augment=recipe.get("augment", False), log=log)
+                        augment=recipe["augment"], log=log)
     seconds = time.perf_counter() - start
+    write_timings("zoo", model, train=seconds)
 
     adapter.save(out)
     reloaded = cls.load(str(out))  # the study loads it exactly as it would a hub checkpoint
     accuracy, generated = caption_accuracy(reloaded, images[n_train:], captions[n_train:])
     report = {"family": recipe["family"], "parameters": n_params, "frozen_encoder": cls.frozen_encoder,
               "steps": recipe["steps"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
-              "augment": recipe.get("augment", False),
-              "threads": zoo["threads"], "train_seconds": round(seconds, 1), "train_images": n_train,
+              "augment": recipe["augment"],
+              "threads": zoo["threads"], "train_images": n_train,
               "heldout_images": zoo["heldout"], "accuracy": accuracy,
               "examples": [{"reference": r, "generated": g} for r, g in zip(captions[n_train:n_train + 5], generated)]}
-    write_json(Path("metrics/zoo") / f"{model}.json", report)
+    write_json(layout.details("zoo", model), report)
     typer.echo(f"zoo: {model} trained in {seconds:.0f} s; held-out accuracy {accuracy}")
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a throwaway copy of this project that has run `dvc repro` under the smoke profile."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 # The tests' models are tiny: on a busy 2-core machine two OpenMP threads spin far longer than they
 # compute (measured ~20x slower per step), and one thread is as fast when the machine is idle.
@@ -60,7 +62,12 @@ def smoke_project(tmp_path_factory) -> Path:
     run(sys.executable, "scripts/profile.py", "profiles/smoke.yaml", "--write", cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "smoke project", cwd=repo)
-    run("dvc", "repro", cwd=repo)
+    # every stage appends the params keys it read to params_read.jsonl (stages/common.Params)
+    ENV["CONNGEO_PARAMS_LOG"] = str(repo.parent / "params_read.jsonl")
+    try:
+        run("dvc", "repro", cwd=repo)
+    finally:
+        del ENV["CONNGEO_PARAMS_LOG"]
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "repro", cwd=repo)
     return repo
@@ -83,3 +90,31 @@ def rehearsal_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: build_checkpoint(entry, root / name, layers=1, words=[REHEARSAL_PROMPT, *REHEARSAL_CAPTIONS])
             for name, entry in real_checkpoints().items()}
+
+
+# -- stage scripts in this process ----------------------------------------------------------------------
+
+class Stages:
+    """The project's stage scripts, invoked in this process (no interpreter start per call)."""
+
+    def __init__(self, project):
+        self.project = project
+        sys.path.insert(0, str(project / "stages"))
+        self.modules = {}
+
+    def module(self, name):
+        if name not in self.modules:
+            spec = importlib.util.spec_from_file_location(f"stage_{name}", self.project / "stages" / f"{name}.py")
+            self.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(self.modules[name])
+        return self.modules[name]
+
+    def __call__(self, name, *args, code=0):
+        cwd = os.getcwd()
+        os.chdir(self.project)
+        try:
+            result = CliRunner().invoke(self.module(name).app, [str(a) for a in args])
+        finally:
+            os.chdir(cwd)
+        assert result.exit_code == code, f"{name} {args}: exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+        return result.output

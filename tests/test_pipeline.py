@@ -28,6 +28,28 @@ def test_repro_writes_outputs_and_second_repro_is_noop(smoke_project):
     assert not run("git", "status", "--porcelain", cwd=smoke_project).stdout.strip()  # outputs are git-ignored
 
 
+def test_every_param_a_stage_reads_is_declared_in_its_stage(smoke_project):
+    """What each stage read from params.yaml during the smoke repro (the strict reader records it) is declared in
+    that stage's `params` in dvc.yaml, so that changing it reruns the stage: a declared section covers every
+    key under it. Keys a stage reads are present in params.yaml, or the stage would have stopped."""
+    import json
+    import shlex
+
+    lock = yaml.safe_load((smoke_project / "dvc.lock").read_text())["stages"]
+    declared = {" ".join(shlex.split(s["cmd"])[1:]): (name, set(s.get("params", {}).get("params.yaml", {})))
+                for name, s in lock.items()}
+    logged = [json.loads(line) for line in (smoke_project.parent / "params_read.jsonl").read_text().splitlines()]
+    assert len({" ".join(entry["argv"]) for entry in logged}) == len(lock)  # every stage ran and logged
+    undeclared = {}
+    for entry in logged:
+        name, keys = declared[" ".join(entry["argv"])]
+        for read in entry["read"]:
+            path = read.removesuffix("/keys")
+            if not any(path == k or path.startswith(k + ".") for k in keys):
+                undeclared.setdefault(name, []).append(read)
+    assert not undeclared, f"read but not declared in dvc.yaml params: {undeclared}"
+
+
 def push_clone_pull(project: Path, work: Path, url: str, config: dict[str, str] = {}) -> Path:
     """dvc push to `url`, git clone, dvc pull there; return the clone."""
     for where in (project,):

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import layout
 from .stats import bh_qvalues, changed_count, spearman_ci, spearman_permutation, verdict_rule
 
 QUESTIONS = {"reconstruction": "test", "perturbation": None}  # question -> the split it is asked on (None: all)
@@ -85,18 +86,18 @@ def load_model(root: Path, model: str, sets: list[str]) -> ModelInputs:
     """Read one model's upstream outputs under `root` (layout in the module docstring); `sets`: the
     caption sets to read besides post and recon (the perturbations, "<mode>_<level>")."""
     root = Path(root)
-    patch = root / "data/recon_eval" / model / "patch_loss.csv"
+    patch = layout.data("recon_eval", model, root) / "patch_loss.csv"
     return ModelInputs(
         name=model,
-        knn=read_csv(root / "data/knn" / model / "per_image.csv"),
-        knn_metrics=read_json(root / "metrics/knn" / f"{model}.json"),
-        probes=read_csv(root / "data/knn" / model / "probes.csv", index=None),
-        recon=read_csv(root / "data/recon_eval" / model / "per_image.csv"),
-        recon_metrics=read_json(root / "metrics/recon_eval" / f"{model}.json"),
+        knn=read_csv(layout.data("knn", model, root) / "per_image.csv"),
+        knn_metrics=read_json(layout.details("knn", model, root)),
+        probes=read_csv(layout.data("knn", model, root) / "probes.csv", index=None),
+        recon=read_csv(layout.data("recon_eval", model, root) / "per_image.csv"),
+        recon_metrics=read_json(layout.details("recon_eval", model, root)),
         patch_loss=read_csv(patch, index=None) if patch.is_file() else None,
-        captions=read_csv(root / "data/captions" / model / "captions.csv"),
-        scores={s: read_csv(root / "data/scores" / model / f"{s}.csv") for s in ("post", "recon", *sets)},
-        score_summary=read_csv(root / "data/scores" / model / "summary.csv", index=None),
+        captions=read_csv(layout.data("captions", model, root) / "captions.csv"),
+        scores={s: read_csv(layout.data("scores", model, root) / f"{s}.csv") for s in ("post", "recon", *sets)},
+        score_summary=read_csv(layout.data("scores", model, root) / "summary.csv", index=None),
     )
 
 
@@ -400,6 +401,36 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dic
             for name, value in probe_groups(probes, side).items():
                 row[f"probe_{side}_{name}"] = value
     return row
+
+
+# The numbers the study is about, one small metrics file per model (results/metrics/<model>.json, what
+# `dvc exp show` and `dvc metrics diff` list): name -> the summary column it is ({k}: the report's k,
+# {mode}: each perturbation mode).
+HEADLINE = {
+    "knor_pre_post": "knor_pre_post@{k}", "chance": "chance@{k}",        # E_pre vs E_post neighbourhoods
+    "erank_pre": "erank_pre_mean", "erank_post": "erank_post_mean",       # spectra
+    "recon_mse_z": "recon_mse_z", "recon_linear_mse_z": "recon_linear_mse_z",  # recoverability (test images)
+    "recon_mean_mse_z": "recon_mean_mse_z", "recon_underfit": "recon_underfit",
+    "lm_error": "lm_error",                                               # the error that reaches the LM
+    "post_clipscore": "post_caption_clipscore", "post_bertscore_f1": "post_caption_bertscore_f1",
+    "post_exact": "post_caption_truth_exact",                             # caption quality
+    "recon_stability_f1": "recon_caption_stability_f1",                   # recon caption vs post caption
+    "sensitivity_{mode}": "sensitivity_{mode}_stability_f1",              # perturbation (area over fraction)
+}
+
+
+def headline(row: dict, k: int, modes: list) -> dict:
+    """The HEADLINE numbers of one summary row, plus probe_loss (the mean of the probes' pre - post); a
+    number that is undefined for this study (NaN, e.g. no toy truth) is left out."""
+    out = {}
+    for name, column_name in HEADLINE.items():
+        for mode in modes if "{mode}" in name else [None]:
+            value = row.get(column_name.format(k=k, mode=mode), math.nan)
+            out[name.format(mode=mode)] = value
+    losses = [v for c, v in row.items() if c.startswith("probe_loss_")]
+    out["probe_loss"] = float(np.mean(losses)) if losses else math.nan
+    return {n: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)) for n, v in out.items()
+            if isinstance(v, (bool, np.bool_)) or not math.isnan(v)}
 
 
 def caption_means(m: ModelInputs, scores=("clipscore", "bertscore_f1", "truth_exact")) -> pd.DataFrame:
