@@ -1,12 +1,13 @@
 """Copy what the report stage reads from a project that has run the pipeline into a small folder in the
-same layout (the committed sample/ is made this way), so that the report can be regenerated in seconds:
+same layout (conngeo.layout; the committed sample/ is made this way), so that the report can be
+regenerated in seconds, with no model and no `dvc repro`:
 
-    python scripts/make_sample.py /path/to/project --out sample [--images 300]
+    python scripts/make_sample.py /path/to/project --out sample --images 120
     python stages/report.py --inputs sample --out /tmp/report
 
---images keeps that many images per model (validation images first, then training images, in stem
-order) in the per-image tables; the metrics JSONs and score means stay those of the full run.
-Caption texts are dropped from the per-caption score tables (the report does not read them).
+--images keeps that many images per model (test images first, then the others, in stem order) in the
+per-image tables; dataset-level numbers (the metrics JSONs, probes, score means) stay those of the full
+run, and params.yaml is copied whole.
 """
 
 import shutil
@@ -16,40 +17,47 @@ import pandas as pd
 import typer
 import yaml
 
+from conngeo import layout
+
 app = typer.Typer(add_completion=False)
 
 
+def copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest)
+
+
 @app.command()
-def main(project: Path, out: Path = typer.Option(Path("sample")),
+def main(project: Path, out: Path = typer.Option(Path("sample"), help="the sample folder (replaced)"),
          images: int = typer.Option(None, help="images kept per model (default: all)")):
     """Copy the report's inputs from PROJECT into OUT."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    kept_params = {"models": {m: {"family": v["family"], "use": v.get("use", "tiny")} for m, v in params["models"].items()},
-                   "perturb": {k: params["perturb"][k] for k in ("modes", "levels")},
-                   "knn": {"ks": params["knn"]["ks"]}, "report": params["report"],
-                   "connectors": {"variants": (params.get("connectors") or {}).get("variants") or {}}}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / "params.yaml").write_text("# the params of the run this sample was copied from (scripts/make_sample.py)\n"
-                                     + yaml.safe_dump(kept_params, sort_keys=False))
+    copy(project / "params.yaml", out / "params.yaml")
+    for space in params["references"]["spaces"]:
+        copy(layout.data("refs", space, project) / "probes.csv", layout.data("refs", space, out) / "probes.csv")
     for model in params["models"]:
-        recon = pd.read_csv(project / "data/recon_eval" / model / "per_image.csv")
-        order = pd.concat([recon[recon["split"] == "val"], recon[recon["split"] != "val"]])
-        stems = set(order["stem"][:images] if images else order["stem"])
-        tables = {f"data/knn/{model}/per_image.csv": None, f"data/recon_eval/{model}/per_image.csv": None,
-                  **{f"data/scores/{model}/{s}.csv": "caption" for s in ("post", "recon")}}
-        for rel, drop in tables.items():
-            df = pd.read_csv(project / rel, keep_default_na=False, dtype=str)
-            df = df[df["stem"].isin(stems)].drop(columns=[drop] if drop else [])
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(out / rel, index=False)
-        for rel in (f"data/recon_eval/{model}/patch_loss.csv", f"data/scores/{model}/summary.csv",
-                    f"metrics/knn/{model}.json", f"metrics/recon_eval/{model}.json",
-                    f"metrics/connectors/{model}.json"):  # the last only for connector variants
-            if (project / rel).is_file():
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(project / rel, out / rel)
+        split = pd.read_csv(layout.data("recon_eval", model, project) / "per_image.csv", keep_default_na=False,
+                            dtype=str)
+        order = pd.concat([split[split["split"] == "test"], split[split["split"] != "test"]])["stem"]
+        stems = set(order[:images] if images else order)
+        per_image = [layout.data("knn", model, project) / "per_image.csv",
+                     layout.data("recon_eval", model, project) / "per_image.csv",
+                     layout.data("captions", model, project) / "captions.csv",
+                     *[p for p in sorted(layout.data("scores", model, project).glob("*.csv")) if p.name != "summary.csv"]]
+        for path in per_image:
+            table = pd.read_csv(path, keep_default_na=False, dtype=str)
+            dest = out / path.relative_to(project)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            table[table["stem"].isin(stems)].to_csv(dest, index=False)
+        for path in (layout.data("knn", model, project) / "probes.csv",
+                     layout.data("recon_eval", model, project) / "patch_loss.csv",
+                     layout.data("scores", model, project) / "summary.csv",
+                     layout.details("knn", model, project), layout.details("recon_eval", model, project)):
+            if path.is_file():
+                copy(path, out / path.relative_to(project))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"make_sample: {len(params['models'])} models from {project} -> {out} ({size / 1024:.0f} KiB)")
 

@@ -18,6 +18,7 @@ import torch
 import typer
 
 from common import load_params, run, write_json
+from conngeo import layout
 from conngeo.data.targets import probe_targets
 from conngeo.data.vectors import VectorReader, images_within, read_embeddings, shard_folders, windows
 from conngeo.geometry import knn, local_distortion_per_image, pool, probe_table
@@ -37,7 +38,7 @@ def main(
     """pre vs post, pre/post vs each reference, at every k of params knn.ks (clipped to N-1); spectra; probes."""
     params = load_params()
     cfg = params["knn"]
-    vectors = vectors or Path("data/vectors") / model
+    vectors = vectors or layout.data("vectors", model)
     reader = VectorReader(shard_folders(vectors, f"dvc repro extract@{model}"))
     pooled, spectra_rows = {"pre": [], "post": []}, []
     for part in windows(range(len(reader)), images_within(params["max_window_mb"], reader.image_bytes())):
@@ -49,7 +50,11 @@ def main(
     pairs = [("pre", "post")]
     for ref in params["references"]["spaces"]:
         folder = refs / ref
-        stems, emb = read_embeddings(sorted(p for p in folder.iterdir() if p.is_dir()))
+        shards = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        if not shards:
+            raise FileNotFoundError(f"{folder}: no embeddings of the reference space {ref!r}; run "
+                                    f"`dvc repro references@{ref}` first")
+        stems, emb = read_embeddings(shards)
         position = {s: i for i, s in enumerate(stems)}
         missing = [s for s in reader.stems if s not in position]
         if missing:
@@ -66,7 +71,7 @@ def main(
     spectra = {key: torch.cat([rows[key] for rows in spectra_rows]) for key in spectra_rows[0]}
     summary["spectra"] = {**{f"{key}_mean": float(values.mean()) for key, values in spectra.items()},
                           **dataset_spectra({"pre": spaces["pre"], "post": spaces["post"]}, cfg["top_k_energy"])}
-    out = out or Path("data/knn") / model
+    out = out or layout.data("knn", model)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"stem": reader.stems, **{k: v.numpy() for k, v in {**per_image, **spectra}.items()}})
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
@@ -77,7 +82,8 @@ def main(
     probes[["space", "target", "kind", "metric", "score", "chance", "n"]].to_csv(out / "probes.csv", index=False,
                                                                                  float_format="%.6g")
     summary["probes"] = {f"{r.space}:{r.target}": r.score for r in probes.itertuples()}
-    metrics = metrics or Path("metrics/knn") / f"{model}.json"
+    summary["connector"] = reader.layout.get("connector")  # the kind the extraction recorded (for the report)
+    metrics = metrics or layout.details("knn", model)
     write_json(metrics, summary)
     pp = summary["pairs"]["pre_post"]
     typer.echo(f"knn: {model}: N={summary['images']}, " + ", ".join(

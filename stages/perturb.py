@@ -25,7 +25,7 @@ import typer
 from tqdm import tqdm
 
 from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
-from conngeo import interrupt
+from conngeo import interrupt, layout
 from conngeo.captions import (MODES, generate_captions, perturb, perturbation_size, read_table, relative_change,
                               write_table)
 from conngeo.captions import parts
@@ -65,8 +65,8 @@ def main(
         raise SystemExit(f"params.yaml perturb.levels: {bad} not in (0, 1]")
     spec = model_spec(model, params)
     root = root or Path(data["root"])
-    vectors = vectors or Path("data/vectors") / model
-    out = out or Path("data/perturb") / model
+    vectors = vectors or layout.data("vectors", model)
+    out = out or layout.data("perturb", model)
 
     folder = scan(root)
     adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))  # not loaded if all parts are done

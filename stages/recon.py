@@ -19,6 +19,7 @@ import typer
 from dvclive import Live
 
 from common import dvclive_logger, load_params, run, write_json
+from conngeo import layout
 from conngeo.data.vectors import VectorReader, images_within, shard_folders
 from conngeo.recon import (SPLITS, TEST, TRAIN, VAL, Normalizer, ReconConfig, TrainSettings, choose_model_type,
                            evaluate, load_reconstructor, split_by_stem, train_reconstructor, write_split)
@@ -50,8 +51,8 @@ def main(
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-    vectors = vectors or Path("data/vectors") / model
-    out = out or Path("data/recon") / model
+    vectors = vectors or layout.data("vectors", model)
+    out = out or layout.data("recon", model)
     start = time.perf_counter()
     reader = VectorReader(shard_folders(vectors, f"dvc repro extract@{model}"))
     n_pre, d_pre, n_post, d_post = reader.tokens("pre"), reader.width["pre"], reader.tokens("post"), reader.width["post"]
@@ -82,7 +83,7 @@ def main(
             out.mkdir(parents=True, exist_ok=True)
             write_split(out / "split.csv", reader.stems, split)
             norm.save(out / "norm.safetensors", metadata={"fitted_on": "train", "images": len(index[TRAIN])})
-        with Live(dir=str(live or Path("dvclive/recon") / model), dvcyaml=False, save_dvc_exp=False) \
+        with Live(dir=str(live or layout.live("recon", model)), dvcyaml=False, save_dvc_exp=False) \
                 if rank == 0 else nullcontext() as dvclive:
             logger = dvclive_logger(dvclive) if dvclive else None
             log = (lambda epoch, values: logger(epoch, {k: v for k, v in values.items() if k != "epoch"})) if logger else None
@@ -104,7 +105,7 @@ def main(
               "images": {side: len(index[side]) for side in SPLITS},
               **{f"{side}_{k}": scores[side][k] for side in (TEST, VAL, TRAIN) for k in ("loss", "cosine")},
               **{k: training[k] for k in ("best_epoch", "epochs_run", "stopped_early", "parameters") if k in training}}
-    metrics = metrics or Path("metrics/recon") / f"{model}.json"
+    metrics = metrics or layout.details("recon", model)
     write_json(metrics, report)
     typer.echo(f"recon: {model}: {config.model_type}, test loss {report['test_loss']:.4f} (z-MSE), "
                f"test cosine {report['test_cosine']:.4f}; {out} in {time.perf_counter() - start:.1f} s")

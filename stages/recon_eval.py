@@ -18,6 +18,7 @@ import torch
 import typer
 
 from common import load_params, run, write_json
+from conngeo import layout
 from conngeo.data.vectors import VectorReader, images_within, shard_folders
 from conngeo.recon import TEST, Normalizer, ReconConfig, read_split, reconstruction_report
 from conngeo.recon.figures import note_figure, patch_loss_figure
@@ -38,9 +39,9 @@ def main(
     """Per-image MSE (z and raw) and cosine of the reconstructions, the baselines, patch-loss maps."""
     params = load_params()
     cfg = params["recon"]
-    vectors = vectors or Path("data/vectors") / model
-    recon_vectors = recon_vectors or Path("data/recon_vectors") / model
-    recon = recon or Path("data/recon") / model
+    vectors = vectors or layout.data("vectors", model)
+    recon_vectors = recon_vectors or layout.data("recon_vectors", model)
+    recon = recon or layout.data("recon", model)
     start = time.perf_counter()
     original = VectorReader(shard_folders(vectors, f"dvc repro extract@{model}"))
     rebuilt = VectorReader(shard_folders(recon_vectors, f"dvc repro recon_export@{model}"), sides=("pre",))
@@ -61,7 +62,7 @@ def main(
         linear_max_features=cfg["linear_max_features"])
     summary = {"model_type": ReconConfig.load(recon).model_type, **summary}
 
-    out = out or Path("data/recon_eval") / model
+    out = out or layout.data("recon_eval", model)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"stem": original.stems, "split": split, **{k: v.numpy() for k, v in columns.items()}})
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
@@ -89,7 +90,7 @@ def main(
             f"{original.stems[i]}\nimage MSE {float(columns['mse_z'][i]):.3g}" for i in picks]
         patch_loss_figure(shown, titles, plot, f"{model} ({summary['model_type']}): E_pre reconstruction error "
                                                "per patch, test images, best to worst")
-    metrics = metrics or Path("metrics/recon_eval") / f"{model}.json"
+    metrics = metrics or layout.details("recon_eval", model)
     write_json(metrics, summary)
     test = summary[TEST]
     typer.echo(f"recon_eval: {model}: test z-MSE {test['mse_z']:.4f} (mean baseline {test['mean_mse_z']:.4f}, linear "

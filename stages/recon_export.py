@@ -22,7 +22,7 @@ import typer
 from tqdm import tqdm
 
 from common import load_params, run
-from conngeo import interrupt
+from conngeo import interrupt, layout
 from conngeo.data.vectors import (TensorWriter, VectorReader, dtype_of, images_within, is_complete, shard_folders,
                                   write_index)
 from conngeo.recon import Normalizer, load_reconstructor, reconstruct
@@ -43,9 +43,9 @@ def main(
         torch.set_num_threads(threads)
     params = load_params()
     device = params["device"]
-    vectors = vectors or Path("data/vectors") / model
-    recon = recon or Path("data/recon") / model
-    out = out or Path("data/recon_vectors") / model
+    vectors = vectors or layout.data("vectors", model)
+    recon = recon or layout.data("recon", model)
+    out = out or layout.data("recon_vectors", model)
     start = time.perf_counter()
     norm = Normalizer.load(recon / "norm.safetensors")
     net, config = load_reconstructor(recon, device)

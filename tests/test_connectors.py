@@ -199,7 +199,7 @@ PARAMS = {"models": {"llava": {"family": "llava"}, "idefics2": {"family": "idefi
 
 
 def test_connector_table_and_answer(tmp_path):
-    kinds = connectors.connector_kinds(PARAMS)
+    kinds = connectors.connector_kinds(PARAMS, {"llava": "mlp", "idefics2": "resampler", "qwen2_5vl": "merger"})
     assert kinds == {"llava": {"base": "llava", "kind": "mlp (native)"},
                      "llava-linear": {"base": "llava", "kind": "linear"},
                      "llava-resampler16": {"base": "llava", "kind": "resampler16"},

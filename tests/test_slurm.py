@@ -8,7 +8,6 @@ on the finished ones. The Slurm test skips, with the reason, where the daemons c
 (.ci/run) installs them.
 """
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -19,9 +18,8 @@ import time
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import ENV, ROOT, tree_digest
+from conftest import ENV, ROOT, Stages, tree_digest
 from conngeo.data import toyworld
 from conngeo.models import adapter_class
 from models_helpers import toy_tokenizer
@@ -49,31 +47,6 @@ def project(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
-
-class Stages:
-    """The project's stage scripts, invoked in this process (no interpreter start per call)."""
-
-    def __init__(self, project):
-        self.project = project
-        sys.path.insert(0, str(project / "stages"))
-        self.modules = {}
-
-    def module(self, name):
-        if name not in self.modules:
-            spec = importlib.util.spec_from_file_location(f"stage_{name}", self.project / "stages" / f"{name}.py")
-            self.modules[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(self.modules[name])
-        return self.modules[name]
-
-    def __call__(self, name, *args, code=0):
-        cwd = os.getcwd()
-        os.chdir(self.project)
-        try:
-            result = CliRunner().invoke(self.module(name).app, [str(a) for a in args])
-        finally:
-            os.chdir(cwd)
-        assert result.exit_code == code, f"{name} {args}: exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-        return result.output
 
 
 @pytest.fixture(scope="module")

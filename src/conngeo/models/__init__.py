@@ -11,10 +11,15 @@ _NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain", "pretrain
 
 
 def families() -> dict[str, type[Adapter]]:
-    """family name -> Adapter subclass, for every family file in this package."""
+    """family name -> Adapter subclass, for every family file in this package (all imported) and every
+    Adapter subclass imported from elsewhere (a family file of your own: import it, and it is known)."""
     for info in pkgutil.iter_modules(__path__):
         if info.name not in _NOT_FAMILIES:
             importlib.import_module(f"{__name__}.{info.name}")
+    return _registered()
+
+
+def _registered() -> dict[str, type[Adapter]]:
     return {cls.family: cls for cls in _subclasses(Adapter) if getattr(cls, "family", None)}
 
 
@@ -24,8 +29,22 @@ def _subclasses(cls):
         yield from _subclasses(sub)
 
 
+def _plain(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
 def adapter_class(family: str) -> type[Adapter]:
-    known = families()
+    """The Adapter subclass of `family`. Only that family's file is imported (with its transformers
+    classes), found by name: the file's name and the family's agree in their letters and digits
+    (qwen2_5_vl.py holds "qwen2.5vl"); anything else falls back to importing every family file."""
+    known = _registered()
+    if family not in known:
+        for info in pkgutil.iter_modules(__path__):
+            if info.name not in _NOT_FAMILIES and _plain(info.name) == _plain(family):
+                importlib.import_module(f"{__name__}.{info.name}")
+        known = _registered()
+    if family not in known:
+        known = families()
     if family not in known:
         raise KeyError(f"unknown model family {family!r}; known families: {sorted(known)}")
     return known[family]

@@ -221,11 +221,12 @@ class Adapter(ABC):
     def token_layout(self, n_pre: int, n_post: int) -> dict:
         """How the stored tokens relate, for the stages that know no family (extraction records it in
         the vector shards): `pre_to_post[t]`, the E_post token that E_pre token t goes into (None where
-        the connector mixes every token into every output), and `pre_raster`, the permutation that puts
-        the stored E_pre tokens in raster order over the patch grid (None if they are not a square grid).
-        Here: token t -> token t where the counts match, E_pre stored in raster order."""
+        the connector mixes every token into every output), `pre_raster`, the permutation that puts
+        the stored E_pre tokens in raster order over the patch grid (None if they are not a square grid),
+        and `connector`, the connector's kind. Here: token t -> token t where the counts match, E_pre stored
+        in raster order."""
         side = math.isqrt(n_pre)
-        return {"pre_to_post": list(range(n_pre)) if n_pre == n_post else None,
+        return {"connector": self.connector_kind, "pre_to_post": list(range(n_pre)) if n_pre == n_post else None,
                 "pre_raster": list(range(n_pre)) if side * side == n_pre else None}
 
     @torch.no_grad()
@@ -250,6 +251,9 @@ class Adapter(ABC):
     # Whether the family's recipe trains the vision encoder (Qwen) or keeps a pretrained one frozen
     # (LLaVA, Idefics2).
     trains_vision_encoder: ClassVar[bool] = False
+    # What kind of connector the family has (mlp, resampler, merger): recorded with the vectors (token_layout)
+    # so that the report can name a base's native connector without knowing the family.
+    connector_kind: ClassVar[str] = "connector"
     # The pretrain product (a folder name under the zoo's pretrained models, e.g. "clip") whose
     # vision tower the family freezes; None where the family trains its own encoder.
     frozen_encoder: ClassVar[str | None] = None

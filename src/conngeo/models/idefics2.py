@@ -98,6 +98,7 @@ def vision_weights(vision_encoder) -> tuple[dict, dict]:
 
 class Idefics2Adapter(Adapter):
     family = "idefics2"
+    connector_kind = "resampler"  # projection + perceiver
     special_tokens = (FAKE_IMAGE, IMAGE, END_OF_UTTERANCE)
     stop_tokens = (END_OF_UTTERANCE,)  # the end of an assistant turn in its chat format
     pixel_keys = ("pixel_values", "pixel_attention_mask")

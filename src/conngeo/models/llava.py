@@ -55,6 +55,7 @@ def left_pad(rows: list[list[int]], targets: list[list[int]], pad_id: int) -> di
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    connector_kind = "mlp"  # the 2-layer projector
     special_tokens = (IMAGE,)
     pixel_keys = ("pixel_values",)
 

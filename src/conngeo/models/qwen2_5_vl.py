@@ -110,6 +110,7 @@ def tiny_image_processor(image_size: int, patch_size: int, merge_size: int = 2,
 
 class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2.5vl"
+    connector_kind = "merger"  # 2x2 patch merger
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
     special_tokens = (VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD)
     stop_tokens = (IM_END, END_OF_TEXT)  # the end of an assistant turn, the end of text
@@ -159,7 +160,7 @@ class Qwen2_5_VLAdapter(Adapter):
     def token_layout(self, n_pre: int, n_post: int) -> dict:
         """E_pre is stored merge unit by merge unit: rows 4j..4j+3 go into E_post row j (module docstring)."""
         unit, side = self.merge_size ** 2, math.isqrt(n_pre)
-        return {"pre_to_post": [t // unit for t in range(n_pre)],
+        return {"connector": self.connector_kind, "pre_to_post": [t // unit for t in range(n_pre)],
                 "pre_raster": self.raster_order((1, side, side)).tolist() if side * side == n_pre else None}
 
     def unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:

@@ -282,8 +282,8 @@ class ConnectorVariant(Adapter):
     def token_layout(self, n_pre: int, n_post: int) -> dict:
         """linear / mlp: token t -> token t; merger: a patch -> its 2x2 unit on the (padded) grid;
         resampler: every latent sees every patch (no correspondence). E_pre keeps the base's order."""
-        layout = self.base.token_layout(n_pre, n_pre)
         kind = self.config["kind"]
+        layout = {**self.base.token_layout(n_pre, n_pre), "connector": kind}
         if kind == "merger":
             side = grid_side(n_pre)
             half = (side + 1) // 2

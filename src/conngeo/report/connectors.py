@@ -4,7 +4,8 @@ same base encoder and language model.
 Input: the per-model summary rows the report builds (tables.summary_row: knor_pre_post@k,
 recon_mse_z, post_caption_truth_exact, sensitivity_<mode>_stability_f1, ...) and which model is
 which connector on which base (`connector_kinds(params)`: the connector variants of
-params connectors.variants, plus each base itself with its native connector). Output: one table
+params connectors.variants, plus each base itself with its native connector, whose kind the
+extraction recorded). Output: one table
 row per (base, connector) and a figure. The question per base, across its connectors: does the
 one that keeps E_pre's neighbourhoods better (higher KNOR, lower reconstruction error) give more
 stable captions (lower perturbation sensitivity)? With a handful of connectors the rank
@@ -20,13 +21,9 @@ import pandas as pd
 
 from . import figures
 
-# the native connector of each family, for the base's own row
-NATIVE = {"llava": "mlp (native)", "idefics2": "resampler (native)", "qwen2.5vl": "merger (native)",
-          "qwen3.5": "merger (native)"}
-
-
-def connector_kinds(params: dict) -> dict[str, dict]:
-    """model -> {base, kind} for every connector variant in params and each of their bases."""
+def connector_kinds(params: dict, native: dict[str, str]) -> dict[str, dict]:
+    """model -> {base, kind} for every connector variant in params and each of their bases; `native`: a
+    base's own connector kind as its extraction recorded it (model -> kind, e.g. "mlp")."""
     variants = (params.get("connectors") or {}).get("variants") or {}
     models = params.get("models") or {}
     kinds = {}
@@ -35,8 +32,7 @@ def connector_kinds(params: dict) -> dict[str, dict]:
             continue  # trained but not in the study
         base = v["base"]
         if base in models:
-            family = models[base]["family"]
-            kinds[base] = {"base": base, "kind": NATIVE.get(family, f"{family} (native)")}
+            kinds[base] = {"base": base, "kind": f"{native.get(base) or 'connector'} (native)"}
         kinds[name] = {"base": base, "kind": v["kind"]}
     return kinds
 
