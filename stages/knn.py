@@ -67,7 +67,8 @@ def main(
                                         max_block_bytes=cfg["max_block_mb"] << 20)
     neighbours = knn(spaces["pre"], summary["ks"][-1], metric=cfg["metric"], max_block_bytes=cfg["max_block_mb"] << 20)
     for k in summary["ks"]:
-        per_image[f"distortion@{k}"] = local_distortion_per_image(spaces["pre"], spaces["post"], neighbours, k)
+        per_image[f"distortion@{k}"] = local_distortion_per_image(spaces["pre"], spaces["post"], neighbours, k,
+                                                                  max_block_bytes=cfg["max_block_mb"] << 20)
     spectra = {key: torch.cat([rows[key] for rows in spectra_rows]) for key in spectra_rows[0]}
     summary["spectra"] = {**{f"{key}_mean": float(values.mean()) for key, values in spectra.items()},
                           **dataset_spectra({"pre": spaces["pre"], "post": spaces["post"]}, cfg["top_k_energy"])}

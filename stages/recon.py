@@ -100,7 +100,7 @@ def main(
                                                       indent=2) + "\n")
         recon, _ = load_reconstructor(out, device)  # score what was saved, not what is in memory
 
-    scores = {side: evaluate(recon, reader, index[side], norm, device=device) for side in SPLITS}
+    scores = {side: evaluate(recon, reader, index[side], norm, window=window, device=device) for side in SPLITS}
     report = {"model_type": config.model_type, "config": asdict(config), "eval_only": eval_only,
               "images": {side: len(index[side]) for side in SPLITS},
               **{f"{side}_{k}": scores[side][k] for side in (TEST, VAL, TRAIN) for k in ("loss", "cosine")},

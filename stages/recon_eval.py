@@ -55,9 +55,9 @@ def main(
                          "the reconstructor was trained on other images: rerun `dvc repro recon`")
     split = [saved_split[s] for s in original.stems]
     norm = Normalizer.load(recon / "norm.safetensors")
-    layout = original.layout
+    tokens = original.layout  # the token layout the extraction recorded
     columns, summary, patch = reconstruction_report(
-        original, rebuilt, split, norm, layout.get("pre_to_post"), alphas=cfg["ridge_alphas"],
+        original, rebuilt, split, norm, tokens.get("pre_to_post"), alphas=cfg["ridge_alphas"],
         window=images_within(params["max_window_mb"], original.image_bytes() + rebuilt.image_bytes()),
         linear_max_features=cfg["linear_max_features"])
     summary = {"model_type": ReconConfig.load(recon).model_type, **summary}
@@ -67,7 +67,7 @@ def main(
     table = pd.DataFrame({"stem": original.stems, "split": split, **{k: v.numpy() for k, v in columns.items()}})
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
 
-    raster = layout.get("pre_raster")
+    raster = tokens.get("pre_raster")
     plot = plot or Path("plots/recon") / f"{model}_patch_loss.png"
     if raster is None:
         note = f"{model}: {patch.shape[1]} E_pre tokens are not a square patch grid; no patch-loss maps"

@@ -70,7 +70,7 @@ def test_mlp_recovers_an_invertible_affine_connector(tmp_path):
     summary = train_reconstructor(config_for(pairs, "mlp", hidden_size=64), pairs, train, val, norm,
                                   settings(epochs=60, batch_size=32, warmup=20, weight_decay=0.0, patience=60), tmp_path)
     model, _ = load_reconstructor(tmp_path)
-    test_loss = evaluate(model, pairs, test, norm)["loss"]
+    test_loss = evaluate(model, pairs, test, norm, window=16)["loss"]
     mean_loss = (norm.pre_to_z(pairs.pre[test]) - mean_baseline(norm.pre_to_z(pairs.pre[train]))).pow(2).mean().item()
     assert mean_loss > 0.9  # predicting the mean is about 1 z-unit^2: the task is not trivial
     assert test_loss < 0.01 and summary["best_val_loss"] < 0.01
@@ -84,7 +84,7 @@ def test_transformer_recovers_a_token_merging_connector(tmp_path):
     train_reconstructor(config, pairs, train, val, norm, settings(epochs=40, batch_size=32, lr=5e-3, warmup=20,
                                                                   weight_decay=0.0, patience=40), tmp_path)
     model, _ = load_reconstructor(tmp_path)
-    assert evaluate(model, pairs, test, norm)["loss"] < 0.02
+    assert evaluate(model, pairs, test, norm, window=16)["loss"] < 0.02
 
 
 def test_token_order_is_respected():
@@ -175,9 +175,9 @@ def test_saved_best_model_reloads_with_the_same_validation_loss(tmp_path):
     best = min(row["val/loss"] for row in summary["history"])
     model, loaded = load_reconstructor(tmp_path / "a")
     assert loaded == config
-    assert evaluate(model, pairs, val, norm)["loss"] == pytest.approx(best, rel=1e-6) == summary["best_val_loss"]
+    assert evaluate(model, pairs, val, norm, window=16)["loss"] == pytest.approx(best, rel=1e-6) == summary["best_val_loss"]
     torch.manual_seed(123)
-    assert evaluate(build_reconstructor(config), pairs, val, norm)["loss"] != best  # the weights did come from disk
+    assert evaluate(build_reconstructor(config), pairs, val, norm, window=16)["loss"] != best  # the weights did come from disk
     assert not (tmp_path / "a" / STATE).exists()  # removed once training finished
 
 

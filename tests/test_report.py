@@ -170,6 +170,21 @@ def test_curves_and_sensitivity_on_the_actual_fraction():
         [(0.25 * 0.05 + 0.25 * (0.1 + 0.5) / 2) / 0.5] * 2)
 
 
+def test_headline_picks_the_summary_numbers_and_leaves_out_the_undefined():
+    row = {"model": "m", "knor_pre_post@50": 0.4, "chance@50": 0.05, "knor_pre_post@10": 0.9, "erank_pre_mean": 5.0,
+           "erank_post_mean": 3.0, "recon_mse_z": 0.2, "recon_linear_mse_z": 0.3, "recon_mean_mse_z": 1.0,
+           "recon_underfit": np.bool_(False), "lm_error": 0.1, "post_caption_clipscore": 0.7,
+           "post_caption_bertscore_f1": 0.8, "post_caption_truth_exact": math.nan, "recon_caption_stability_f1": 0.95,
+           "sensitivity_mask_stability_f1": 0.02, "sensitivity_lowrank_stability_f1": 0.01,
+           "probe_loss_kinds": 0.1, "probe_loss_count": 0.3, "probe_pre_kinds": 0.9}
+    head = tables.headline(row, k=50, modes=["mask", "lowrank"])
+    assert head == {"knor_pre_post": 0.4, "chance": 0.05, "erank_pre": 5.0, "erank_post": 3.0, "recon_mse_z": 0.2,
+                    "recon_linear_mse_z": 0.3, "recon_mean_mse_z": 1.0, "recon_underfit": False, "lm_error": 0.1,
+                    "post_clipscore": 0.7, "post_bertscore_f1": 0.8, "recon_stability_f1": 0.95,
+                    "sensitivity_mask": 0.02, "sensitivity_lowrank": 0.01, "probe_loss": pytest.approx(0.2)}
+    assert type(head["recon_underfit"]) is bool and json.loads(json.dumps(head)) == head  # plain JSON for DVC
+
+
 def test_markdown_table():
     df = pd.DataFrame({"a": ["x", "y"], "b": [1.23456789, math.nan], "c": [True, False]})
     assert tables.markdown(df, digits=3) == "| a | b | c |\n|---|---|---|\n| x | 1.23 | yes |\n| y |  | no |\n"

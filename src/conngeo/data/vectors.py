@@ -184,7 +184,9 @@ class VectorReader:
     [len(indices), tokens, width] float32, reading only their rows of the memory-mapped
     <side>.safetensors (consecutive indices of a shard in one slice); `read_list` returns a list
     where images have different token counts. Shapes, sizes and stored dtypes come from index.csv
-    and the file headers without reading any vector. Every read is checked for NaN and inf.
+    and the file headers without reading any vector. Every read is checked for NaN and inf. A file is
+    opened for each read and closed after it, so the pages read do not stay mapped (and counted in the
+    process's RSS) for the rest of the run.
     """
 
     def __init__(self, folders: list[Path], sides: tuple[str, ...] = ("pre", "post")):
@@ -207,18 +209,19 @@ class VectorReader:
                 starts = [0]
                 for r in rows:
                     starts.append(starts[-1] + r[col])
-                handle = safe_open(str(folder / f"{side}.safetensors"), framework="pt")
-                shape = handle.get_slice("vectors").get_shape()
+                path = str(folder / f"{side}.safetensors")
+                with safe_open(path, framework="pt") as handle:
+                    shape = handle.get_slice("vectors").get_shape()
+                    dtype = handle.get_slice("vectors").get_dtype()
                 if shape[0] != starts[-1]:
                     raise ValueError(f"{folder / side}.safetensors: {shape[0]} rows but {INDEX} lists {starts[-1]} "
                                      "tokens; the shard is inconsistent, delete the folder and rerun the stage")
-                dtype = handle.get_slice("vectors").get_dtype()
                 if self.width.setdefault(side, shape[1]) != shape[1] or self.dtype.setdefault(side, dtype) != dtype:
                     raise ValueError(f"{folder / side}.safetensors: width {shape[1]} / {dtype}, but earlier shards have "
                                      f"{self.width[side]} / {self.dtype[side]}: every shard must come from the same "
                                      "model; re-extract")
                 self._start[side].append(starts)
-                self._files[k, side] = handle
+                self._files[k, side] = path
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -258,7 +261,8 @@ class VectorReader:
             while j < len(indices) and self._where[indices[j]] == (k, first + j - i):
                 j += 1
             starts = self._start[side][k]
-            rows = self._files[k, side].get_slice("vectors")[starts[first]:starts[first + j - i]].float()
+            with safe_open(self._files[k, side], framework="pt") as handle:
+                rows = handle.get_slice("vectors")[starts[first]:starts[first + j - i]].float()
             mats = torch.split(rows, [starts[first + n + 1] - starts[first + n] for n in range(j - i)])
             for n, mat in enumerate(mats):
                 if not torch.isfinite(mat).all():

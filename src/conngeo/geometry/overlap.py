@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from conngeo.geometry.knn import as_vectors
+from conngeo.geometry.knn import DEFAULT_BLOCK_BYTES, as_vectors
 
 
 def knor_per_image(nbrs_p, nbrs_q, k: int | None = None) -> torch.Tensor:
@@ -169,7 +169,8 @@ def _paired(x, y, names):
 
 
 
-def local_distortion_per_image(x, y, nbrs_x, k: int | None = None, chunk: int = 256) -> torch.Tensor:
+def local_distortion_per_image(x, y, nbrs_x, k: int | None = None,
+                               max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
     """Per image, how unevenly the map x -> y stretches the distances to the image's own neighbours:
 
         distortion_i = std_{j in N_x(i,k)} log(||y_i - y_j|| / ||x_i - x_j||)     (population std)
@@ -178,7 +179,8 @@ def local_distortion_per_image(x, y, nbrs_x, k: int | None = None, chunk: int = 
     uniform scale, shift) gives 0 for every image: a uniform stretch adds the same constant to every log
     ratio, so only uneven stretching (some neighbours pulled in, others pushed out) counts. Pairs at
     distance 0 in either space (duplicates) are left out; an image left with fewer than two pairs gets
-    NaN. x [N, d_x] and y [N, d_y] are rows of the same images; float64 results [N].
+    NaN. x [N, d_x] and y [N, d_y] are rows of the same images; float64 results [N]. Images are taken in
+    chunks whose [rows, k, d] differences fit in `max_block_bytes`, so memory does not grow with N.
     """
     x, y = as_vectors(x, "x").double(), as_vectors(y, "y").double()
     p, _, k = _neighbours(nbrs_x, nbrs_x, k)
@@ -186,6 +188,7 @@ def local_distortion_per_image(x, y, nbrs_x, k: int | None = None, chunk: int = 
         raise ValueError(f"x, y and the neighbours cover {x.shape[0]}, {y.shape[0]} and {p.shape[0]} images; "
                          "they must be the same images in the same order")
     out = torch.empty(x.shape[0], dtype=torch.float64)
+    chunk = max(1, max_block_bytes // (k * max(x.shape[1], y.shape[1]) * 8))
     for start in range(0, x.shape[0], chunk):
         rows = torch.arange(start, min(start + chunk, x.shape[0]))
         dx = (x[rows, None] - x[p[rows]]).norm(dim=-1)

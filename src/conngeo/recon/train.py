@@ -88,12 +88,12 @@ def reconstruct(model: torch.nn.Module, post: torch.Tensor, norm: Normalizer, de
     return norm.pre_from_z(predict_z(model, post, norm, device))
 
 
-def evaluate(model: torch.nn.Module, source, indices: list[int], norm: Normalizer, batch_size: int = 256,
+def evaluate(model: torch.nn.Module, source, indices: list[int], norm: Normalizer, window: int,
              device: str = "cpu") -> dict[str, float]:
     """{loss: MSE in z-units (the training loss), cosine: mean per-token cosine in raw units} over images
-    `indices` of `source`, `batch_size` images at a time."""
+    `indices` of `source`, `window` images at a time (memory does not grow with the split)."""
     loss = cosine = 0.0
-    for part in windows(list(indices), batch_size):
+    for part in windows(list(indices), window):
         pre = source.read("pre", part)
         pred_z = predict_z(model, source.read("post", part), norm, device)
         loss += (pred_z - norm.pre_to_z(pre)).pow(2).mean(dim=(1, 2)).sum().item()
@@ -188,7 +188,7 @@ def train_reconstructor(config: ReconConfig, source, train: list[int], val: list
                 sums[1] += token_cosine(norm.pre_from_z(pred.detach()), pre).mean(dim=1).sum().item()
         if world > 1:
             dist.all_reduce(sums)
-        scores = evaluate(model, source, val, norm, device=device)
+        scores = evaluate(model, source, val, norm, window=window, device=device)
         if scores["loss"] < meta["best_val_loss"]:
             meta.update(best_val_loss=scores["loss"], best_epoch=epoch, bad_epochs=0)
             if rank == 0:
