@@ -39,7 +39,9 @@ def test_every_param_a_stage_reads_is_declared_in_its_stage(smoke_project):
     declared = {" ".join(shlex.split(s["cmd"])[1:]): (name, set(s.get("params", {}).get("params.yaml", {})))
                 for name, s in lock.items()}
     logged = [json.loads(line) for line in (smoke_project.parent / "params_read.jsonl").read_text().splitlines()]
-    assert len({" ".join(entry["argv"]) for entry in logged}) == len(lock)  # every stage ran and logged
+    # every stage that reads params.yaml ran and logged (toyworld gets its settings on the command line)
+    silent = {cmd for cmd in declared if cmd not in {" ".join(entry["argv"]) for entry in logged}}
+    assert not [cmd for cmd in silent if "load_params" in (smoke_project / cmd.split()[0]).read_text()], silent
     undeclared = {}
     for entry in logged:
         name, keys = declared[" ".join(entry["argv"])]
