@@ -15,6 +15,8 @@
 #                e.g. "--threads 4"; what changes results (device, dtype...) belongs in params.yaml,
 #                or `dvc commit` records params that did not make the outputs
 #   AFTER        a job id the first job waits for (afterok)
+#   RECON_GPUS   GPUs per reconstructor training (default 1); more runs stages/recon.py under torchrun
+#                (DistributedDataParallel, each rank streaming its share of every batch)
 # Then record the results with DVC: see scripts/slurm/README.md.
 set -euo pipefail
 HERE=$(dirname "$0")
@@ -63,7 +65,15 @@ captions()     { sharded captions captions "$1"; }
 references()   { local s; for s in $SPACES; do echo "python stages/references.py --space $s"; done |
                    array references "$1"; }
 knn()          { per_model knn "$1" $CPU; }
-recon()        { per_model recon "$1"; }
+recon() {  # RECON_GPUS > 1: data parallel on that many GPUs of one node (torchrun; the same result, faster)
+  local m
+  if [ "${RECON_GPUS:-1}" -gt 1 ]; then
+    for m in $MODELS; do echo "torchrun --standalone --nproc-per-node $RECON_GPUS stages/recon.py --model $m"; done |
+      array recon "$1" --gres="gpu:$RECON_GPUS"
+  else
+    per_model recon "$1"
+  fi
+}
 recon_export() { per_model recon_export "$1"; }
 recon_eval()   { per_model recon_eval "$1" $CPU; }
 score()        { per_model score "$1"; }

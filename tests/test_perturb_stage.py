@@ -1,0 +1,84 @@
+"""The perturb stage: one model load for every mode and level, a level whose perturbed E_post equals an
+earlier level's reuses its caption (and says so), and a run stopped mid-way (SIGTERM, as Slurm preempts)
+resumes from its finished (mode, level) parts to captions byte-identical to an uninterrupted run's."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ENV, ROOT, Stages, tree_digest
+from conngeo.data import toyworld
+from conngeo.models import adapter_class
+from models_helpers import toy_tokenizer
+
+LEVELS = [0.01, 0.02, 0.25, 0.5]  # the tiny LLaVA has 36 tokens per image: 1, 1, 9 and 18 tokens masked
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("perturb")
+    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    toyworld.generate(root / "images", split="study", seed=0, shards=2, images_per_shard=6, size=48)
+    cls = adapter_class("llava")
+    cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / "llava")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(data={"root": "images", "on_bad_image": "error"}, device="cpu", max_window_mb=1,
+                  models={"llava": {"family": "llava", "source": str(root / "models" / "llava"), "hub": None,
+                                    "revision": None, "dtype": "float32", "prompt": "", "image_size": 48}})
+    params["extract"].update(batch_size=6, save_every=6)
+    params["captions"].update(max_new_tokens=6, batch_size=4)
+    params["perturb"].update(modes=["mask", "lowrank"], levels=LEVELS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    stages = Stages(root)
+    try:
+        stages("extract", "--model", "llava")
+    finally:
+        sys.path.remove(str(root / "stages"))
+    return root
+
+
+def perturb(project, out, **kwargs):
+    return subprocess.Popen([sys.executable, "stages/perturb.py", "--model", "llava", "--out", out, "--threads", "1"],
+                            cwd=project, env={**ENV, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_identical_perturbations_reuse_their_caption(project):
+    proc = perturb(project, "reference")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    first = pd.read_csv(project / "reference/mask/0.01/captions.csv", keep_default_na=False)
+    second = pd.read_csv(project / "reference/mask/0.02/captions.csv", keep_default_na=False)
+    assert (first["changed"] == 1).all() and (second["changed"] == 1).all()  # the same single token
+    assert (second["reused_from"] == "mask/0.01").all() and second["caption"].tolist() == first["caption"].tolist()
+    assert "perturb: llava mask/0.02: captioned; 0 images captioned, 12 reused" in out
+    third = pd.read_csv(project / "reference/mask/0.25/captions.csv", keep_default_na=False)
+    assert (third["changed"] == 9).all() and (third["reused_from"] == "").all()
+    assert third["fraction"].tolist() == pytest.approx([9 / 36] * 12)  # the actual fraction, not the level
+    assert not (project / "reference/parts.json").exists()  # the ledger goes once every part is done
+
+
+def test_stopped_run_resumes_to_the_same_captions(project):
+    proc = perturb(project, "stopped", start_new_session=True)
+    deadline = time.time() + 600
+    while not (project / "stopped/mask/0.01/captions.csv").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 143 and "stopped on SIGTERM" in out, out
+    finished = sorted(p.parent.relative_to(project / "stopped").as_posix()
+                      for p in (project / "stopped").glob("*/*/captions.csv"))
+    assert 1 <= len(finished) < 2 * len(LEVELS), finished
+    proc = perturb(project, "stopped")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert out.count("kept from an interrupted run") == len(finished)
+    assert tree_digest(project / "stopped") == tree_digest(project / "reference")
