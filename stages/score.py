@@ -163,7 +163,7 @@ def main(
         stale.unlink()  # a caption set no longer in params
     keys = list(dict.fromkeys(k for row in rows for k in row))
     write_table(out / "summary.csv", {k: ["" if row.get(k) is None else row.get(k) for row in rows] for k in keys})
-    summary["bertscore"]["pairs_computed"] = bert.pairs_computed
+    # how much was computed now (it depends on what an interrupted run left) is printed, not written
     write_json(metrics or layout.details("score", model), summary)
     typer.echo(f"score: {model}: {len(sets)} caption sets x {len(stems)} images ({scored} scored now): "
                f"{len(texts)} distinct texts embedded by CLIP, {bert.pairs_computed} distinct BERTScore pairs computed; "

@@ -1,13 +1,16 @@
-"""The perturb stage: one model load for every mode and level, a level whose perturbed E_post equals an
-earlier level's reuses its caption (and says so), and a run stopped mid-way (SIGTERM, as Slurm preempts)
-resumes from its finished (mode, level) parts to captions byte-identical to an uninterrupted run's."""
+"""The perturb and score stages: one model load for every mode and level, a level whose perturbed E_post
+equals an earlier level's reuses its caption (and says so), and a run stopped mid-way (SIGTERM, as
+Slurm preempts) resumes from its finished parts (a (mode, level) of perturb, a caption set of score)
+to outputs byte-identical to an uninterrupted run's."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,7 +18,7 @@ import yaml
 
 from conftest import ENV, ROOT, Stages, tree_digest
 from conngeo.data import toyworld
-from conngeo.models import adapter_class
+from conngeo.models import adapter_class, pretrain
 from models_helpers import toy_tokenizer
 
 LEVELS = [0.01, 0.02, 0.25, 0.5]  # the tiny LLaVA has 36 tokens per image: 1, 1, 9 and 18 tokens masked
@@ -35,19 +38,41 @@ def project(tmp_path_factory):
     params["extract"].update(batch_size=6, save_every=6)
     params["captions"].update(max_new_tokens=6, batch_size=4)
     params["perturb"].update(modes=["mask", "lowrank"], levels=LEVELS)
+    clip, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=48, patch_size=16, hidden_size=32, num_layers=1,
+                                         seed=3)
+    clip.save_pretrained(root / "models" / "clip")
+    processor.save_pretrained(root / "models" / "clip")
+    params["score"]["clip"]["source"] = str(root / "models" / "clip")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     stages = Stages(root)
     try:
         stages("extract", "--model", "llava")
+        stages("captions", "--model", "llava", "--no-recon")
     finally:
         sys.path.remove(str(root / "stages"))
     return root
 
 
-def perturb(project, out, **kwargs):
-    return subprocess.Popen([sys.executable, "stages/perturb.py", "--model", "llava", "--out", out, "--threads", "1"],
+def stage(project, name, *args, **kwargs):
+    return subprocess.Popen([sys.executable, f"stages/{name}.py", "--model", "llava", "--threads", "1", *args],
                             cwd=project, env={**ENV, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def perturb(project, out, **kwargs):
+    return stage(project, "perturb", "--out", out, **kwargs)
+
+
+def stop_after(proc, path: Path) -> str:
+    """SIGTERM `proc` once `path` exists; its output."""
+    deadline = time.time() + 600
+    while not path.is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 143 and "stopped on SIGTERM" in out, out
+    return out
 
 
 def test_identical_perturbations_reuse_their_caption(project):
@@ -66,14 +91,7 @@ def test_identical_perturbations_reuse_their_caption(project):
 
 
 def test_stopped_run_resumes_to_the_same_captions(project):
-    proc = perturb(project, "stopped", start_new_session=True)
-    deadline = time.time() + 600
-    while not (project / "stopped/mask/0.01/captions.csv").is_file():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 143 and "stopped on SIGTERM" in out, out
+    stop_after(perturb(project, "stopped", start_new_session=True), project / "stopped/mask/0.01/captions.csv")
     finished = sorted(p.parent.relative_to(project / "stopped").as_posix()
                       for p in (project / "stopped").glob("*/*/captions.csv"))
     assert 1 <= len(finished) < 2 * len(LEVELS), finished
@@ -82,3 +100,19 @@ def test_stopped_run_resumes_to_the_same_captions(project):
     assert proc.returncode == 0, out
     assert out.count("kept from an interrupted run") == len(finished)
     assert tree_digest(project / "stopped") == tree_digest(project / "reference")
+
+
+def test_stopped_scoring_resumes_to_the_same_scores(project):
+    """Every caption set scored once uninterrupted, then stopped after its first set and resumed."""
+    args = ("--perturb-root", "reference")
+    proc = stage(project, "score", *args, "--out", "scores", "--metrics", "scores.json")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json",
+                 start_new_session=True)
+    stop_after(proc, project / "stopped_scores/post.csv")
+    proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and re.search(r"\((\d+) scored now\)", out).group(1) != str(1 + 2 * len(LEVELS)), out
+    assert tree_digest(project / "stopped_scores") == tree_digest(project / "scores")
+    assert (project / "stopped_scores.json").read_bytes() == (project / "scores.json").read_bytes()
