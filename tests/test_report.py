@@ -183,6 +183,10 @@ def test_headline_picks_the_summary_numbers_and_leaves_out_the_undefined():
                     "post_clipscore": 0.7, "post_bertscore_f1": 0.8, "recon_stability_f1": 0.95,
                     "sensitivity_mask": 0.02, "sensitivity_lowrank": 0.01, "probe_loss": pytest.approx(0.2)}
     assert type(head["recon_underfit"]) is bool and json.loads(json.dumps(head)) == head  # plain JSON for DVC
+    # no linear baseline (its inputs exceed recon.linear_max_features): underfit is None, left out
+    row.update(recon_underfit=None, recon_linear_mse_z=math.nan)
+    head = tables.headline(row, k=50, modes=["mask", "lowrank"])
+    assert "recon_underfit" not in head and "recon_linear_mse_z" not in head and head["recon_mse_z"] == 0.2
 
 
 def test_markdown_table():

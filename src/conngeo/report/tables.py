@@ -421,7 +421,8 @@ HEADLINE = {
 
 def headline(row: dict, k: int, modes: list) -> dict:
     """The HEADLINE numbers of one summary row, plus probe_loss (the mean of the probes' pre - post); a
-    number that is undefined for this study (NaN, e.g. no toy truth) is left out."""
+    number that is undefined for this study (NaN or None, e.g. no toy truth, or no linear baseline when its
+    inputs exceed recon.linear_max_features) is left out."""
     out = {}
     for name, column_name in HEADLINE.items():
         for mode in modes if "{mode}" in name else [None]:
@@ -430,7 +431,7 @@ def headline(row: dict, k: int, modes: list) -> dict:
     losses = [v for c, v in row.items() if c.startswith("probe_loss_")]
     out["probe_loss"] = float(np.mean(losses)) if losses else math.nan
     return {n: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)) for n, v in out.items()
-            if isinstance(v, (bool, np.bool_)) or not math.isnan(v)}
+            if isinstance(v, (bool, np.bool_)) or (v is not None and not math.isnan(v))}
 
 
 def caption_means(m: ModelInputs, scores=("clipscore", "bertscore_f1", "truth_exact")) -> pd.DataFrame:
