@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 # The tests' models are tiny: on a busy 2-core machine two OpenMP threads spin far longer than they
@@ -53,6 +54,25 @@ def copy_project(dest: Path) -> Path:
 
 def tree_digest(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tiny_project(root: Path, name: str, family: str, images_per_shard: int, batch_size: int) -> dict:
+    """A project folder for stage scripts run in place: the stages, two shards of toy images, one tiny
+    model of `family` saved as `name`, and the params (returned, for the caller to adjust and write)."""
+    from conngeo.data import toyworld
+    from conngeo.models import adapter_class
+    from models_helpers import toy_tokenizer
+
+    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    toyworld.generate(root / "images", split="study", seed=0, shards=2, images_per_shard=images_per_shard, size=48)
+    cls = adapter_class(family)
+    cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(data={"root": "images", "on_bad_image": "error"}, device="cpu", max_window_mb=1,
+                  models={name: {"family": family, "source": str(root / "models" / name), "hub": None,
+                                 "revision": None, "dtype": "float32", "prompt": "", "image_size": 48}})
+    params["extract"].update(batch_size=batch_size, save_every=batch_size)
+    return params
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ from conngeo.extraction import extract, verify
 from conngeo.models import adapter_class
 from conngeo.recon.data import read_split, write_split
 from conngeo.report.tables import read_csv
-from models_helpers import toy_tokenizer
+from models_helpers import DiesAfter, Interrupted, toy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"family": "qwen2.5vl", "source": "test", "revision": None, "dtype": "float32", "prompt": ""}
@@ -317,24 +317,6 @@ def test_non_finite_vectors_are_an_error_naming_the_shard_and_image(tmp_path, va
 
 
 # -- 5. a shard written by another model / revision ----------------------------------------------------------------
-
-class Interrupted(Exception):
-    pass
-
-
-class DiesAfter:
-    def __init__(self, adapter, n):
-        self.adapter, self.n = adapter, n
-
-    def __getattr__(self, name):
-        return getattr(self.adapter, name)
-
-    def encode(self, images):
-        self.n -= 1
-        if self.n < 0:
-            raise Interrupted
-        return self.adapter.encode(images)
-
 
 def test_a_shard_of_another_model_is_replaced_never_mixed(adapter, tmp_path):
     toyworld.generate(tmp_path / "images", split="study", seed=0, shards=1, images_per_shard=5, size=SIZE)

@@ -9,7 +9,7 @@ from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import read_shard
 from conngeo.extraction import assign, extract, verify
 from conngeo.models import adapter_class
-from models_helpers import toy_tokenizer
+from models_helpers import DiesAfter, Interrupted, toy_tokenizer
 
 SPEC = {"family": "qwen2.5vl", "source": "test", "revision": None, "dtype": "float32", "prompt": ""}
 
@@ -25,26 +25,6 @@ def items(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     toyworld.generate(root, split="study", seed=0, shards=2, images_per_shard=7, size=48)
     return scan(root).items
-
-
-class Interrupted(Exception):
-    pass
-
-
-class DiesAfter:
-    """The adapter, but the process 'dies' at the n-th batch."""
-
-    def __init__(self, adapter, n):
-        self.adapter, self.n = adapter, n
-
-    def __getattr__(self, name):
-        return getattr(self.adapter, name)
-
-    def encode(self, images):
-        self.n -= 1
-        if self.n < 0:
-            raise Interrupted
-        return self.adapter.encode(images)
 
 
 def files(folder):

@@ -7,18 +7,14 @@ kind) is asked of the adapter or read from what the extraction recorded.
 
 import importlib
 import json
-import shutil
 import sys
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, Stages
-from conngeo.data import toyworld
+from conftest import Stages, tiny_project
 from conngeo.data.vectors import VectorReader
-from conngeo.models import adapter_class
-from models_helpers import toy_tokenizer
 
 # the whole family: here a LLaVA-architecture model under a name of its own, with its own connector
 # kind (a real new family wraps its own transformers class the same way: see conngeo/models/llava.py)
@@ -41,17 +37,8 @@ def project(tmp_path_factory):
     (root / "extra_families" / "minillava.py").write_text(FAMILY_FILE)
     sys.path.insert(0, str(root))
     importlib.import_module("extra_families.minillava")  # importing the file registers the family
-    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    toyworld.generate(root / "images", split="study", seed=0, shards=2, images_per_shard=12, size=48)
-    cls = adapter_class("minillava")
-    cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / "mini")
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(data={"root": "images", "on_bad_image": "error"}, device="cpu", max_window_mb=1,
-                  models={"mini": {"family": "minillava", "source": str(root / "models" / "mini"), "hub": None,
-                                   "revision": None, "dtype": "float32", "prompt": "", "image_size": 48}})
+    params = tiny_project(root, "mini", "minillava", images_per_shard=12, batch_size=8)
     params["references"]["spaces"] = {}
-    params["extract"].update(batch_size=8, save_every=8)
     params["knn"].update(ks=[3, 5])
     params["recon"].update(hidden_size=16, num_layers=1, num_heads=2, epochs=2, patience=2, batch_size=8, warmup=2)
     params["captions"].update(max_new_tokens=4, batch_size=8)

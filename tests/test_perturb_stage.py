@@ -5,7 +5,6 @@ to outputs byte-identical to an uninterrupted run's."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ENV, ROOT, Stages, tree_digest
-from conngeo.data import toyworld
-from conngeo.models import adapter_class, pretrain
+from conftest import ENV, Stages, tiny_project, tree_digest
+from conngeo.models import pretrain
 from models_helpers import toy_tokenizer
 
 LEVELS = [0.01, 0.02, 0.25, 0.5]  # the tiny LLaVA has 36 tokens per image: 1, 1, 9 and 18 tokens masked
@@ -27,15 +25,7 @@ LEVELS = [0.01, 0.02, 0.25, 0.5]  # the tiny LLaVA has 36 tokens per image: 1, 1
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("perturb")
-    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    toyworld.generate(root / "images", split="study", seed=0, shards=2, images_per_shard=6, size=48)
-    cls = adapter_class("llava")
-    cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(root / "models" / "llava")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(data={"root": "images", "on_bad_image": "error"}, device="cpu", max_window_mb=1,
-                  models={"llava": {"family": "llava", "source": str(root / "models" / "llava"), "hub": None,
-                                    "revision": None, "dtype": "float32", "prompt": "", "image_size": 48}})
-    params["extract"].update(batch_size=6, save_every=6)
+    params = tiny_project(root, "llava", "llava", images_per_shard=6, batch_size=6)
     params["captions"].update(max_new_tokens=6, batch_size=4)
     params["perturb"].update(modes=["mask", "lowrank"], levels=LEVELS)
     clip, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=48, patch_size=16, hidden_size=32, num_layers=1,
