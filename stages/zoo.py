@@ -60,7 +60,8 @@ def main(
         log = dvclive_logger(live, prefix="train/")
         train_captioner(adapter, images[:n_train], captions[:n_train], steps=recipe["steps"],
                         batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"],
-                        augment=recipe["augment"], log=log)
+                        augment=recipe["augment"], log=log, heldout=(images[n_train:], captions[n_train:]),
+                        eval_every=zoo["eval_every"])
     seconds = time.perf_counter() - start
     write_timings("zoo", model, train=seconds)
 

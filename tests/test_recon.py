@@ -256,6 +256,28 @@ def test_streaming_from_shards_equals_the_in_memory_computation(tmp_path):
     assert len(epoch_windows(train, 7, 0)) == -(-len(train) // 7)  # memory: at most 7 images a window
 
 
+def test_training_data_held_in_memory_gives_the_weights_of_reading_every_epoch(tmp_path, monkeypatch):
+    """When the training and validation images fit in one window they are read once (`in_memory`); the
+    result must be the very bytes of reading them from the shards every epoch, even with shuffled index
+    lists."""
+    import conngeo.recon.train as train_module
+    pairs = affine_pairs(n=60, tokens=4, d=3)
+    for k in range(3):
+        sl = slice(20 * k, 20 * (k + 1))
+        write_shard(tmp_path / f"s{k}", pairs.stems[sl], list(pairs.pre[sl]), list(pairs.post[sl]))
+    reader = VectorReader([tmp_path / f"s{k}" for k in range(3)])
+    train, val, _ = split_indices(pairs)
+    random.Random(0).shuffle(train)
+    random.Random(1).shuffle(val)
+    norm = Normalizer.fit(reader, train, window=10**6)
+    config, s = config_for(pairs, "mlp", hidden_size=8, dropout=0.1), settings(window=1000, batch_size=4, epochs=3)
+    held = train_reconstructor(config, reader, train, val, norm, s, tmp_path / "held")
+    monkeypatch.setattr(train_module, "in_memory", lambda source, train, val: (source, train, val))
+    streamed = train_reconstructor(config, reader, train, val, norm, s, tmp_path / "streamed")
+    assert held["history"] == streamed["history"]
+    assert (tmp_path / "held/model.safetensors").read_bytes() == (tmp_path / "streamed/model.safetensors").read_bytes()
+
+
 def test_checkpoint_errors_say_what_to_do(tmp_path):
     config = ReconConfig("mlp", 4, 3, 4, 3, hidden_size=8)
     with pytest.raises(FileNotFoundError, match="train it first"):

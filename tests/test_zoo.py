@@ -174,3 +174,29 @@ def test_an_interrupted_training_resumes_to_the_same_weights(toy, tmp_path):
     assert got == want and not (tmp_path / "state.safetensors").exists()
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_heldout_checks_are_logged_and_leave_the_training_as_it_was(toy):
+    """The held-out accuracy curve (train_captioner's `heldout`) is logged every `eval_every` steps and at
+    the last, equals caption_accuracy on those images, and changes no trained weight: greedy captioning
+    draws no random numbers, and the model goes back to training mode after each check."""
+    from conngeo.models.zoo import caption_accuracy
+    images, captions = toy
+    cls = adapter_class("qwen2.5vl")
+
+    def fresh():
+        return cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, seed=0)
+
+    recipe = dict(steps=7, batch_size=3, lr=3e-3, warmup=2, augment=True)
+    plain = fresh()
+    want = train_captioner(plain, images, captions, **recipe)
+    logged = {}
+    checked = fresh()
+    got = train_captioner(checked, images, captions, heldout=(images[:2], captions[:2]), eval_every=3,
+                          log=lambda step, values: logged.setdefault(step, {}).update(values), **recipe)
+    assert got == want
+    for (name, a), b in zip(plain.model.named_parameters(), checked.model.parameters()):
+        assert torch.equal(a, b), name
+    assert sorted(s for s, v in logged.items() if "heldout/counts" in v) == [2, 5, 6]
+    final, _ = caption_accuracy(checked, images[:2], captions[:2])
+    assert {k: logged[6][f"heldout/{k}"] for k in final} == final

@@ -51,6 +51,7 @@ def dihedral(image: Image.Image, draw: torch.Tensor) -> Image.Image:
 def train_captioner(adapter, images: list, captions: list[str], *, steps: int, batch_size: int, lr: float,
                     seed: int = 0, warmup: int = 100, weight_decay: float = 0.01, augment: bool = False,
                     log: Callable[[int, dict], None] | None = None, log_every: int = 50,
+                    heldout: tuple[list, list[str]] | None = None, eval_every: int = 250,
                     state: Path | None = None, save_every: int = 100) -> list[float]:
     """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step.
 
@@ -60,6 +61,9 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     data order and the random states are kept (conngeo.training_state), so that an interrupted run
     resumes from its last save and ends as the uninterrupted one would; removed when training ends.
     A SIGTERM (conngeo.interrupt) stops the loop right after a save.
+    `heldout`: (images, captions) whose greedy-caption accuracy (`caption_accuracy`) is logged as
+    `heldout/<attribute>` every `eval_every` steps and at the last; greedy decoding draws no random
+    numbers, so the trained weights are the same with or without it.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -106,6 +110,8 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(step, {"loss": sum(losses[-log_every:]) / len(losses[-log_every:]), "lr": sched.get_last_lr()[0]})
+        if log and heldout and ((step + 1) % eval_every == 0 or step == steps - 1):
+            log(step, {f"heldout/{k}": v for k, v in heldout_accuracy(adapter, *heldout).items()})
         if state and (step + 1) % save_every == 0 and step + 1 < steps:
             rng = {"rng.perm": perm, "rng.torch": torch.get_rng_state(), "rng.order": order.get_state()}
             save_state(state, {**named, **rng}, opt, {"fingerprint": fp, "step": step + 1, "losses": losses})
@@ -114,6 +120,16 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     if state:
         Path(state).unlink(missing_ok=True)
     return losses
+
+
+def heldout_accuracy(adapter, images: list, captions: list[str]) -> dict[str, float]:
+    """`caption_accuracy` in the middle of training: eval mode for the check, training mode after."""
+    adapter.model.eval()
+    accuracy, _ = caption_accuracy(adapter, images, captions)
+    adapter.model.train()
+    if not adapter.trains_vision_encoder:
+        adapter.vision_encoder().eval()
+    return accuracy
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from conngeo import interrupt
-from conngeo.recon.data import Normalizer, windows
+from conngeo.recon.data import Normalizer, Pairs, windows
 from conngeo.recon.metrics import token_cosine
 from conngeo.recon.models import CONFIG, WEIGHTS, ReconConfig, build_reconstructor, save_reconstructor
 from conngeo.schedule import warmup_cosine
@@ -115,6 +115,17 @@ def epoch_windows(indices: list[int], window: int, seed: int) -> list[list[int]]
             for w in torch.randperm(len(parts), generator=g).tolist()]
 
 
+def in_memory(source, train: list[int], val: list[int]) -> tuple[Pairs, list[int], list[int]]:
+    """Images `train` and `val` of `source` held in memory (a Pairs), with their indices there. The new
+    indices keep every order the training depends on (the sorted order of `train`, the order of `val`),
+    so batches, and with them the trained weights, are the ones `source` gives."""
+    ordered = sorted(train)
+    rank = {i: k for k, i in enumerate(ordered)}
+    keep = ordered + list(val)
+    pairs = Pairs([source.stems[i] for i in keep], source.read("pre", keep), source.read("post", keep))
+    return pairs, [rank[i] for i in train], list(range(len(train), len(keep)))
+
+
 def train_reconstructor(config: ReconConfig, source, train: list[int], val: list[int], norm: Normalizer,
                         settings: TrainSettings, out: Path, log: Callable[[int, dict], None] | None = None,
                         resume: bool = True) -> dict:
@@ -143,6 +154,8 @@ def train_reconstructor(config: ReconConfig, source, train: list[int], val: list
     total = settings.epochs * steps_per_epoch
 
     fp = fingerprint(config, settings, [source.stems[i] for i in train], [source.stems[i] for i in val])
+    if len(train) + len(val) <= window:  # they fit in memory: read them once, not once per epoch
+        source, train, val = in_memory(source, train, val)
     loaded = load_state(out / STATE, fp, opt, device) if resume else None
     meta = None
     if loaded is not None:
@@ -170,14 +183,15 @@ def train_reconstructor(config: ReconConfig, source, train: list[int], val: list
             mine = sorted({i for b in windows(part, settings.batch_size) for i in b[rank::world]})
             at = {i: k for k, i in enumerate(mine)}
             pre_all, post_all = source.read("pre", mine), source.read("post", mine)
+            pre_z_all, post_z_all = norm.pre_to_z(pre_all), norm.post_to_z(post_all)  # once per window
             for batch in windows(part, settings.batch_size):
                 for group in opt.param_groups:
                     group["lr"] = settings.lr * warmup_cosine(step, total, settings.warmup)
                 rows = torch.tensor([at[i] for i in batch[rank::world]], dtype=torch.long)
-                pre, post = pre_all[rows].to(device), post_all[rows].to(device)
+                pre, pre_z, post_z = pre_all[rows].to(device), pre_z_all[rows].to(device), post_z_all[rows].to(device)
                 with autocast(device):
-                    pred = net(norm.post_to_z(post))
-                per_image = (pred.float() - norm.pre_to_z(pre)).pow(2).mean(dim=(1, 2))
+                    pred = net(post_z)
+                per_image = (pred.float() - pre_z).pow(2).mean(dim=(1, 2))
                 loss = per_image.sum() * world / len(batch)  # averaged over ranks: the whole batch's mean
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
