@@ -236,14 +236,19 @@ def reference_training(config, pairs, train, val, norm, s):
     return losses
 
 
-def test_streaming_from_shards_equals_the_in_memory_computation(tmp_path):
-    """Shards on disk read in windows of 7 images give the statistics and the losses of an in-memory
-    computation of the same order (to float precision)."""
+def sharded_pairs(folder):
+    """60 affine pairs, in memory and written as three vector shards under `folder` (read back by a VectorReader)."""
     pairs = affine_pairs(n=60, tokens=4, d=3)
     for k in range(3):
         sl = slice(20 * k, 20 * (k + 1))
-        write_shard(tmp_path / f"s{k}", pairs.stems[sl], list(pairs.pre[sl]), list(pairs.post[sl]))
-    reader = VectorReader([tmp_path / f"s{k}" for k in range(3)])
+        write_shard(folder / f"s{k}", pairs.stems[sl], list(pairs.pre[sl]), list(pairs.post[sl]))
+    return pairs, VectorReader([folder / f"s{k}" for k in range(3)])
+
+
+def test_streaming_from_shards_equals_the_in_memory_computation(tmp_path):
+    """Shards on disk read in windows of 7 images give the statistics and the losses of an in-memory
+    computation of the same order (to float precision)."""
+    pairs, reader = sharded_pairs(tmp_path)
     train, val, _ = split_indices(pairs)
     streamed, in_memory = Normalizer.fit(reader, train, window=7), Normalizer.fit(pairs, train, window=10**6)
     for key in ("pre_mean", "pre_std", "post_mean", "post_std"):
@@ -261,11 +266,7 @@ def test_training_data_held_in_memory_gives_the_weights_of_reading_every_epoch(t
     result must be the very bytes of reading them from the shards every epoch, even with shuffled index
     lists."""
     import conngeo.recon.train as train_module
-    pairs = affine_pairs(n=60, tokens=4, d=3)
-    for k in range(3):
-        sl = slice(20 * k, 20 * (k + 1))
-        write_shard(tmp_path / f"s{k}", pairs.stems[sl], list(pairs.pre[sl]), list(pairs.post[sl]))
-    reader = VectorReader([tmp_path / f"s{k}" for k in range(3)])
+    pairs, reader = sharded_pairs(tmp_path)
     train, val, _ = split_indices(pairs)
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(val)
