@@ -265,7 +265,6 @@ def test_training_data_held_in_memory_gives_the_weights_of_reading_every_epoch(t
     """When the training and validation images fit in one window they are read once (`in_memory`); the
     result must be the very bytes of reading them from the shards every epoch, even with shuffled index
     lists."""
-    import conngeo.recon.train as train_module
     pairs, reader = sharded_pairs(tmp_path)
     train, val, _ = split_indices(pairs)
     random.Random(0).shuffle(train)
@@ -273,7 +272,7 @@ def test_training_data_held_in_memory_gives_the_weights_of_reading_every_epoch(t
     norm = Normalizer.fit(reader, train, window=10**6)
     config, s = config_for(pairs, "mlp", hidden_size=8, dropout=0.1), settings(window=1000, batch_size=4, epochs=3)
     held = train_reconstructor(config, reader, train, val, norm, s, tmp_path / "held")
-    monkeypatch.setattr(train_module, "in_memory", lambda source, train, val: (source, train, val))
+    monkeypatch.setattr("conngeo.recon.train.in_memory", lambda source, train, val: (source, train, val))
     streamed = train_reconstructor(config, reader, train, val, norm, s, tmp_path / "streamed")
     assert held["history"] == streamed["history"]
     assert (tmp_path / "held/model.safetensors").read_bytes() == (tmp_path / "streamed/model.safetensors").read_bytes()

@@ -12,7 +12,7 @@ from transformers import SiglipModel, SiglipProcessor, SiglipVisionModel
 from conngeo.models import adapter_class, pretrain
 from conngeo.models.pretrain_siglip import (siglip_retrieval_accuracy, siglip_text_inputs, tiny_siglip,
                                             train_tiny_siglip)
-from conngeo.models.zoo import dihedral, train_captioner
+from conngeo.models.zoo import caption_accuracy, dihedral, train_captioner
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = ["llava", "idefics2", "qwen2.5vl", "qwen3.5"]
@@ -180,7 +180,6 @@ def test_heldout_checks_are_logged_and_leave_the_training_as_it_was(toy):
     """The held-out accuracy curve (train_captioner's `heldout`) is logged every `eval_every` steps and at
     the last, equals caption_accuracy on those images, and changes no trained weight: greedy captioning
     draws no random numbers, and the model goes back to training mode after each check."""
-    from conngeo.models.zoo import caption_accuracy
     images, captions = toy
     cls = adapter_class("qwen2.5vl")
 

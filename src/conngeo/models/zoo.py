@@ -71,9 +71,7 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     named = {name: p for name, p in adapter.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
-    model = adapter.model.train()
-    if not adapter.trains_vision_encoder:
-        adapter.vision_encoder().eval()  # frozen: no dropout noise either
+    model = training_mode(adapter)
     losses, perm, first = [], torch.empty(0, dtype=torch.long), 0
     fp = hashlib.sha256(json.dumps([adapter.family, sorted(named), len(images), captions, steps, batch_size, lr,
                                     seed, warmup, weight_decay, augment]).encode()).hexdigest()[:16]
@@ -122,13 +120,19 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     return losses
 
 
+def training_mode(adapter) -> torch.nn.Module:
+    """The model in training mode, a frozen vision encoder left in eval mode (no dropout noise either)."""
+    adapter.model.train()
+    if not adapter.trains_vision_encoder:
+        adapter.vision_encoder().eval()
+    return adapter.model
+
+
 def heldout_accuracy(adapter, images: list, captions: list[str]) -> dict[str, float]:
     """`caption_accuracy` in the middle of training: eval mode for the check, training mode after."""
     adapter.model.eval()
     accuracy, _ = caption_accuracy(adapter, images, captions)
-    adapter.model.train()
-    if not adapter.trains_vision_encoder:
-        adapter.vision_encoder().eval()
+    training_mode(adapter)
     return accuracy
 
 
