@@ -13,6 +13,7 @@ comparing with it is an outside view), a SigLIP for the tiny Idefics2 and a DINO
 import time
 from pathlib import Path
 
+import torch
 import typer
 from dvclive import Live
 
@@ -67,6 +68,7 @@ def main(
     """Train one tiny pretrained model on the training split (held-out images excluded) and save it."""
     params = load_params()
     zoo = params["zoo"]
+    torch.set_num_threads(zoo["threads"])  # the thread count changes the trained weights' last bits
     if name not in params["pretrain"]:
         raise SystemExit(f"unknown pretrain entry {name!r}; params.yaml pretrain has {sorted(params['pretrain'])}")
     recipe = params["pretrain"][name]
