@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +120,24 @@ def fraction_curve(fractions, scores, start: float) -> tuple[np.ndarray, np.ndar
     """(fraction, score) points of one image or one mean curve: (0, `start`) then the measured points in
     order of the actual fraction; levels that changed the same fraction (the same perturbation) are one
     point, their scores averaged."""
-    f = np.asarray(fractions, dtype=float)
-    s = np.asarray(scores, dtype=float)
+    return fraction_curves(pd.DataFrame([list(fractions)]), pd.DataFrame([list(scores)]), start)[0]
+
+
+def fraction_curves(fractions: pd.DataFrame, scores: pd.DataFrame, start: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`fraction_curve` of every row (image) of two [images x levels] frames, in row order: one groupby for
+    all rows, not one per row."""
+    f, s = fractions.to_numpy(float), scores.to_numpy(float)
+    rows = np.repeat(np.arange(len(f)), f.shape[1])
+    f, s = f.ravel(), s.ravel()
     keep = np.isfinite(f) & np.isfinite(s)
-    points = pd.DataFrame({"f": np.round(f[keep], 9), "s": s[keep]}).groupby("f", sort=True)["s"].mean()
-    points = points[points.index > 0]
-    return np.concatenate([[0.0], points.index.to_numpy()]), np.concatenate([[start], points.to_numpy()])
+    points = pd.DataFrame({"row": rows[keep], "f": np.round(f[keep], 9), "s": s[keep]}).groupby(
+        ["row", "f"], sort=True)["s"].mean()
+    points = points[points.index.get_level_values("f") > 0]
+    row, at, value = (points.index.get_level_values("row").to_numpy(),
+                      points.index.get_level_values("f").to_numpy(), points.to_numpy())
+    bounds = np.searchsorted(row, np.arange(len(fractions) + 1))
+    return [(np.concatenate([[0.0], at[a:b]]), np.concatenate([[start], value[a:b]]))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def area_drop(f: np.ndarray, s: np.ndarray, upto: float) -> float:
@@ -145,10 +159,10 @@ def perturbation_frame(m: ModelInputs, mode: str, levels: list, score: str) -> t
 
 def image_instability(m: ModelInputs, mode: str, levels: list, upto: float) -> pd.Series:
     """Per image: the mean of 1 - BERTScore F1 (vs its post caption) over the actual fraction [0, upto]
-    of `mode`'s perturbations (fraction_curve, area_drop with s(0) = 1: the unperturbed caption)."""
+    of `mode`'s perturbations (fraction_curves, area_drop with s(0) = 1: the unperturbed caption)."""
     fractions, scores = perturbation_frame(m, mode, levels, "stability_f1")
-    return pd.Series([area_drop(*fraction_curve(fractions.loc[stem], scores.loc[stem], 1.0), upto)
-                      for stem in fractions.index], index=fractions.index)
+    curves = fraction_curves(fractions, scores.loc[fractions.index, fractions.columns], 1.0)
+    return pd.Series([area_drop(f, s, upto) for f, s in curves], index=fractions.index)
 
 
 def common_fraction(data: dict[str, ModelInputs], mode: str, levels: list, cap: float) -> float:
@@ -263,7 +277,7 @@ def question(tables: dict[str, pd.DataFrame], table: list[Measure], n_perm: int,
     its permutation p-value, m (images whose instability is not zero), a percentile bootstrap interval (a
     description only), then Benjamini-Hochberg q-values over the whole family and the verdict
     (stats.verdict_rule: "too few changed images" below `min_changed`, else q <= alpha)."""
-    rows = []
+    cells = []  # (row, x, y) of every correlation
     for name, split in QUESTIONS.items():
         geometry = [x.name for x in table if x.kind == "geometry" and name in x.questions]
         instability = [x.name for x in table if x.kind == "instability" and name in x.questions]
@@ -274,15 +288,23 @@ def question(tables: dict[str, pd.DataFrame], table: list[Measure], n_perm: int,
                 for c in instability:
                     x, y = t[g].to_numpy(float), t[c].to_numpy(float)
                     keep = np.isfinite(x) & np.isfinite(y)
-                    perm = spearman_permutation(x, y, n_perm=n_perm, seed=seed)
-                    boot = spearman_ci(x, y, n_boot=n_boot, seed=seed)
-                    rows.append({"question": name, "split": split or "all", "model": model, "geometry": g,
-                                 "instability": c, "n": perm["n"], "m": changed_count(y[keep]), "rho": perm["rho"],
-                                 "p": perm["p"], "low": boot["low"], "high": boot["high"]})
-    q = pd.DataFrame(rows)
+                    cells.append(({"question": name, "split": split or "all", "model": model, "geometry": g,
+                                   "instability": c, "m": changed_count(y[keep])}, x, y))
+    # each correlation draws from its own seeded generator, so the processes change nothing but the wall time
+    with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(cells)))) as pool:
+        tests = list(pool.map(_correlation_tests, [(x, y, n_perm, n_boot, seed) for _, x, y in cells], chunksize=4))
+    rows = [{**row, "n": perm["n"], "rho": perm["rho"], "p": perm["p"], "low": boot["low"], "high": boot["high"]}
+            for (row, _, _), (perm, boot) in zip(cells, tests)]
+    q = pd.DataFrame(rows, columns=["question", "split", "model", "geometry", "instability", "n", "m", "rho", "p",
+                                    "low", "high"])
     q["q"] = bh_qvalues(q["p"].to_numpy(float))
     q["verdict"] = [verdict_rule(a, b, alpha, min_changed) for a, b in zip(q["q"], q["m"])]
     return q
+
+
+def _correlation_tests(args) -> tuple[dict, dict]:
+    x, y, n_perm, n_boot, seed = args
+    return spearman_permutation(x, y, n_perm=n_perm, seed=seed), spearman_ci(x, y, n_boot=n_boot, seed=seed)
 
 
 def verdict_line(row) -> str:
