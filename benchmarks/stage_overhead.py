@@ -22,6 +22,8 @@ Variants (the stage's command before the copy):
   stage     `python <repo>/<--stage-script> --help`: a real stage entry point (typer, common.py and the
             stage's module-level imports) that does nothing; --stage-script picks which (stages/extract.py
             by default: the first per-model stage, whose imports are the model families' own)
+  warm      `python <repo>/scripts/warm.py <repo>/<--stage-script> --help`: the same entry point as dvc.yaml
+            runs it, in a fork of an interpreter that has torch and transformers imported (scripts/warm.py)
 
 Also measured, outside DVC: the wall time of `python -c <import>` for torch, transformers, dvc,
 conngeo.models and conngeo.models.families() (min / median of the repetitions), and a `python -X importtime`
@@ -73,6 +75,7 @@ def variant_commands(stage_script: Path) -> dict[str, str]:
         "torch": 'python -c "import torch"',
         "families": f'python -c "{FAMILIES}"',
         "stage": f"python {stage_script} --help > /dev/null",
+        "warm": f"python {ROOT / 'scripts' / 'warm.py'} {stage_script} --help > /dev/null",
     }
 
 
@@ -142,8 +145,8 @@ def fmt(values: list[float]) -> str:
 def main(
     stages: int = typer.Option(10, "--stages", "-k", help="K: stages in each chain"),
     repeats: int = typer.Option(3, help="timed repetitions of each measurement"),
-    variants: list[str] = typer.Option(["none", "python", "torch", "families", "stage"], "--variant",
-                                       help="none, python, torch, families, stage (repeatable)"),
+    variants: list[str] = typer.Option(["none", "python", "torch", "families", "stage", "warm"], "--variant",
+                                       help="none, python, torch, families, stage, warm (repeatable)"),
     stage_script: Path = typer.Option(Path("stages/extract.py"),
                                       help="the real stage entry of the `stage` variant (relative to the repo)"),
     chains: bool = typer.Option(True, help="time the DVC chains (--no-chains: the import timings only)"),
