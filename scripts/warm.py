@@ -5,7 +5,7 @@ transformers and the model families' modules: over the 74 stages of the default 
 wrapper hands the script to a server that has imported those libraries once and forks a child per script:
 the child takes this process's arguments, working directory, environment and stdin/stdout/stderr, imports
 the project's own code fresh and runs the script as `python script args` would; this process forwards
-SIGINT/SIGTERM to it and exits with its exit status. The results are the same: the same code runs on the
+SIGINT/SIGTERM to it and exits with its exit status; when this process dies (SIGKILL), the child kills itself. The results are the same: the same code runs on the
 same libraries, only their import is shared.
 
 The server imports third-party libraries only (PRELOAD), never conngeo or the stage scripts, so an edited
@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 IDLE = 30  # seconds a server waits for the next script
@@ -44,9 +45,10 @@ PER_COMMAND = ("DVC_STAGE", "PYTEST_CURRENT_TEST", "PWD", "OLDPWD", "SHLVL", "_"
 
 
 def address() -> str:
-    """The socket of the server for this interpreter and environment (and this user)."""
+    """The socket of the server for this interpreter, environment and warm.py (and this user)."""
     env = sorted((k, v) for k, v in os.environ.items() if k not in PER_COMMAND)
-    key = hashlib.sha256(repr((sys.executable, sys.path, env)).encode()).hexdigest()[:16]
+    with open(__file__, "rb") as own:  # an edited warm.py gets a server of its own
+        key = hashlib.sha256(repr((sys.executable, sys.path, env, own.read())).encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"conngeo-warm-{os.getuid()}-{key}.sock")
 
 
@@ -148,6 +150,7 @@ def child(conn: socket.socket) -> None:
     sys.stdin, sys.stdout, sys.stderr = (open(i, mode, closefd=False, buffering=1 if i else -1)
                                          for i, mode in ((0, "r"), (1, "w"), (2, "w")))
     send(conn, str(os.getpid()).encode())
+    threading.Thread(target=die_with_client, args=(conn,), daemon=True).start()
     code = 0
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
@@ -160,13 +163,20 @@ def child(conn: socket.socket) -> None:
         traceback.print_exc()
         code = 1
     import atexit
-    import threading
     threading._shutdown()  # what the interpreter does at exit: wait for the script's threads, then atexit
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     send(conn, str(code).encode())
     os._exit(code)
+
+
+def die_with_client(conn: socket.socket) -> None:
+    """Kill this script (and whatever it started) when its client is gone: a SIGKILL of `dvc repro` and its
+    process group (a node failure, Slurm's wall-clock limit) reaches the client only, never this fork."""
+    while conn.recv(1):  # the client sends nothing more: only its exit ends the wait
+        pass
+    os.killpg(0, signal.SIGKILL)  # the script's process group (this child called setsid)
 
 
 # -- the client -------------------------------------------------------------------------------------------

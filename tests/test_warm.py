@@ -68,8 +68,9 @@ def test_an_edited_module_is_the_one_that_runs(scripts):
 
 def test_sigterm_reaches_the_script_and_its_exit_status_comes_back(scripts):
     (scripts / "stop.py").write_text(
-        "import signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *_: (print('stopped on SIGTERM', flush=True), sys.exit(143)))\n"
+        "import os, signal, sys, time\n"
+        # os.write: a print in the handler may land inside print('ready') and fail as a reentrant call
+        "signal.signal(signal.SIGTERM, lambda *_: (os.write(1, b'stopped on SIGTERM\\n'), sys.exit(143)))\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n")
     wait_for_server(scripts)
@@ -78,6 +79,35 @@ def test_sigterm_reaches_the_script_and_its_exit_status_comes_back(scripts):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 143 and "stopped on SIGTERM" in out
+
+
+def test_sigkill_of_the_client_kills_the_script_and_what_it_started(scripts):
+    """`dvc repro` killed with its process group (a node failure, a wall-clock limit) must not leave the
+    script running on in the server's fork: it would go on writing the outputs of a stage DVC thinks dead."""
+    (scripts / "hang.py").write_text(
+        "import os, subprocess, time\n"
+        "sleeper = subprocess.Popen(['sleep', '60'])\n"
+        "print(os.getpid(), sleeper.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    wait_for_server(scripts)
+    proc = subprocess.Popen([sys.executable, WARM, "hang.py"], cwd=scripts, env=ENV, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids[0] != proc.pid  # it did run in the server's fork
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, killed and not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_conngeo_warm_0_runs_the_script_directly(scripts):
