@@ -5,8 +5,8 @@ transformers and the model families' modules: over the 74 stages of the default 
 wrapper hands the script to a server that has imported those libraries once and forks a child per script:
 the child takes this process's arguments, working directory, environment and stdin/stdout/stderr, imports
 the project's own code fresh and runs the script as `python script args` would; this process forwards
-SIGINT/SIGTERM to it and exits with its exit status; when this process dies (SIGKILL), the child kills itself. The results are the same: the same code runs on the
-same libraries, only their import is shared.
+SIGINT/SIGTERM to it and exits with its exit status, and when this process dies (SIGKILL) the child kills
+itself. The results are the same: the same code runs on the same libraries, only their import is shared.
 
 The server imports third-party libraries only (PRELOAD), never conngeo or the stage scripts, so an edited
 source file is always the one that runs. It is keyed by the interpreter and the environment (a changed
