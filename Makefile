@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine (Python 3.11 + pip, no GPU):
 #   make study   set up .venv and run the default study (dvc repro)
 #   make test    set up .venv and run the tests
-# Both are idempotent: setup reruns only when pyproject.toml changes, and dvc repro skips what is up to date.
+# Both are idempotent: setup reruns only when pyproject.toml or requirements.lock changes, and dvc repro skips
+# what is up to date.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +10,9 @@ VENV ?= .venv
 # installs torch into the venv first (an importable torch is kept as it is).
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,ssh
+# The versions of every other library (pip constraints); `make setup CONSTRAINTS=` takes the newest that
+# pyproject.toml allows instead.
+CONSTRAINTS ?= requirements.lock
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -19,10 +23,10 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(VENV)/bin/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	touch $@
 
 study: setup
