@@ -5,7 +5,7 @@ one run's `question.csv` and another's (another seed, another CPU, other params)
 
 Each argument is a results folder (holding question.csv) or a question.csv file; the first is the
 reference whose bootstrap intervals the second's rhos are checked against. To compare an experiment
-with the workspace: `dvc exp show` for its name, then `git show <exp>:results/question.csv > /tmp/q.csv`.
+with the workspace: `dvc exp branch <exp> <branch>`, then `git show <branch>:results/question.csv > q.csv`.
 """
 
 from pathlib import Path

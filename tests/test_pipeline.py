@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,12 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
     assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
     shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
     assert "seed1" in shown
+    # README's recipe for comparing an experiment's verdicts with the workspace's (here the same: the
+    # report did not rerun)
+    run("dvc", "exp", "branch", "seed1", "seed1-branch", cwd=repo)
+    (tmp_path / "seed1.csv").write_text(run("git", "show", "seed1-branch:results/question.csv", cwd=repo).stdout)
+    compared = run(sys.executable, "scripts/compare_runs.py", "results", str(tmp_path / "seed1.csv"), cwd=repo).stdout
+    assert "0 verdicts differ" in compared and "rho moves by 0.000 on average" in compared
 
 
 def test_report_outputs_and_offline_plots_page(smoke_project):
