@@ -5,7 +5,9 @@ one run's `question.csv` and another's (another seed, another CPU, other params)
 
 Each argument is a results folder (holding question.csv) or a question.csv file; the first is the
 reference whose bootstrap intervals the second's rhos are checked against. To compare an experiment
-with the workspace: `dvc exp branch <exp> <branch>`, then `git show <branch>:results/question.csv > q.csv`.
+with the committed run: `git show <branch or exp branch>:results/question.csv > q.csv` (`dvc exp branch`
+makes a branch of an experiment). An experiment that retrains a checkpoint must start without the
+persisted parts: README, Interrupted runs, "Known defect".
 """
 
 from pathlib import Path

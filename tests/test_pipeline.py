@@ -141,8 +141,8 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
     assert (repo / "data/images/toyfood/attributes.csv").read_text() != before
     shown = run("dvc", "exp", "show", "-A", "--no-pager", "--csv", cwd=repo).stdout
     assert "seed1" in shown
-    # README's recipe for comparing an experiment's verdicts with the workspace's (here the same: the
-    # report did not rerun)
+    # scripts/compare_runs.py on an experiment's results/, read through a branch of it (here the same
+    # verdicts: the report did not rerun)
     run("dvc", "exp", "branch", "seed1", "seed1-branch", cwd=repo)
     (tmp_path / "seed1.csv").write_text(run("git", "show", "seed1-branch:results/question.csv", cwd=repo).stdout)
     compared = run(sys.executable, "scripts/compare_runs.py", "results", str(tmp_path / "seed1.csv"), cwd=repo).stdout
