@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from conngeo.report.compare import compare_questions, format_comparison
+from conngeo.replicates import compare_questions, format_comparison
 
 app = typer.Typer(add_completion=False)
 
@@ -34,7 +34,7 @@ def main(
     min_changed: int = typer.Option(15, help="m below which a verdict is 'too few changed images' (params report.min_changed)"),
 ):
     """Print, as Markdown, how far the second run's correlations and verdicts are from the first's."""
-    typer.echo(format_comparison(compare_questions(read_question(first), read_question(second), min_changed), min_changed))
+    typer.echo(format_comparison(compare_questions(read_question(first), read_question(second), min_changed)))
 
 
 if __name__ == "__main__":

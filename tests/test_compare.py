@@ -1,4 +1,4 @@
-"""conngeo.report.compare against a hand-worked pair of runs, and scripts/compare_runs.py end to end."""
+"""conngeo.replicates against a hand-worked pair of runs, and scripts/compare_runs.py end to end."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conngeo.report.compare import compare_questions, format_comparison
+from conngeo.replicates import compare_questions, format_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 D, N, T = "distinguishable", "not distinguishable", "too few changed images"

@@ -43,4 +43,3 @@ def test_every_requirement_is_pinned_inside_its_range():
         assert name in locked, f"{requirement.name} is not in requirements.lock: renew it (see its header)"
         assert requirement.specifier.contains(locked[name], prereleases=True), \
             f"requirements.lock pins {requirement.name}=={locked[name]}, outside pyproject.toml's {requirement.specifier}"
-
