@@ -14,6 +14,7 @@ import typer
 import yaml
 
 from conngeo import interrupt
+from conngeo.digest import folder_digest
 
 PARAMS = Path("params.yaml")
 PROJECT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,9 @@ def load_params(path: Path = PARAMS) -> Params:
 
 def checkpoint_spec(where: str, entry: dict, keys) -> dict:
     """The checkpoint fields `keys` of a registry entry, checked: a hub checkpoint is pinned by its full
-    40-character revision (a short hash resolves offline only if the download used that exact string)."""
+    40-character revision (a short hash resolves offline only if the download used that exact string). A
+    checkpoint without one (hub null: the tiny zoo, a folder of your own) gets the digest of its files
+    (conngeo.digest; None while the folder is missing), so that a folder retrained in place is another spec."""
     missing = [k for k in keys if k not in entry]
     if missing:
         raise SystemExit(f"params.yaml {where}: missing {missing}; every entry names {list(keys)}")
@@ -118,6 +121,8 @@ def checkpoint_spec(where: str, entry: dict, keys) -> dict:
     if spec.get("hub") and not re.fullmatch(r"[0-9a-f]{40}", str(spec.get("revision") or "")):
         raise SystemExit(f"params.yaml {where}.revision is {spec.get('revision')!r}: pin the hub checkpoint "
                          f"{spec['hub']} by its full 40-character commit hash")
+    if "hub" in keys and not spec["hub"]:
+        spec["digest"] = folder_digest(spec["source"]) if Path(spec["source"]).is_dir() else None
     return spec
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from conngeo.digest import folder_digest
 from conngeo.models import MissingCheckpointError, adapter_class, load_adapter
 from conngeo.models.variant import ConnectorVariant, build_connector, parse_kind, resize_image_runs
 from conngeo.models.zoo import train_captioner
@@ -147,7 +148,8 @@ def test_save_load_round_trip_through_the_registry(toy, llava_base, tmp_path):
     v.save(tmp_path / "v")
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["connector.json", "connector.safetensors"]
     config = json.loads((tmp_path / "v/connector.json").read_text())
-    assert config["base"] == {"family": "llava", "source": str(llava_base[0]), "revision": None, "prompt": ""}
+    assert config["base"] == {"family": "llava", "source": str(llava_base[0]), "revision": None,
+                              "digest": folder_digest(llava_base[0]), "prompt": ""}
     assert config["kind"] == "resampler" and config["size"] == {"latents": 5} and config["image_tokens"] == 5
     saved = load_file(tmp_path / "v/connector.safetensors")
     assert saved.keys() == v.connector().state_dict().keys()

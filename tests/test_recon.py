@@ -204,6 +204,13 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     s.lr = 1e-3
     assert train_reconstructor(config, pairs, train, val, norm, s, tmp_path / "other")["resumed_from_epoch"] is None
 
+    # nor a state from other vectors of the same images (e.g. re-extracted from a model retrained in place)
+    with pytest.raises(KeyboardInterrupt):
+        train_reconstructor(config, pairs, train, val, norm, s, tmp_path / "data", log=crash)
+    other = Pairs(pairs.stems, pairs.pre * 2, pairs.post)
+    assert train_reconstructor(config, other, train, val, Normalizer.fit(other, train), s,
+                               tmp_path / "data")["resumed_from_epoch"] is None
+
 
 def reference_training(config, pairs, train, val, norm, s):
     """An independent in-memory loop over the same windows and batches: every training image on hand,

@@ -175,6 +175,15 @@ def test_an_interrupted_training_resumes_to_the_same_weights(toy, tmp_path):
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
 
+    # a state never resumes another start (here other initial weights; a frozen encoder retrained in place
+    # likewise): the run starts afresh and ends as a run that was never interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train_captioner(fresh(), images, captions, state=tmp_path / "state.safetensors", log=dies, log_every=1,
+                        **recipe)
+    other = lambda: cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, seed=1)  # noqa: E731
+    assert train_captioner(other(), images, captions, state=tmp_path / "state.safetensors", **recipe) \
+        == train_captioner(other(), images, captions, **recipe) != want
+
 
 def test_heldout_checks_are_logged_and_leave_the_training_as_it_was(toy):
     """The held-out accuracy curve (train_captioner's `heldout`) is logged every `eval_every` steps and at

@@ -22,8 +22,9 @@ Bases: families whose image placeholders are one plain run per image (LLaVA, Ide
 its M-RoPE positions come from the patch grid (image_grid_thw), which a resampler has no analogue of.
 
 Saved as connector.safetensors + connector.json (kind, sizes, widths, and the base's source and
-revision). The base is not copied: loading reads it from where it was, e.g. data/models/llava
-relative to the repository root (a DVC checkout has it as the zoo stage's output).
+revision, or for a base without a revision the digest of its files). The base is not copied: loading
+reads it from where it was, e.g. data/models/llava relative to the repository root (a DVC checkout has
+it as the zoo stage's output), and refuses a base retrained since (another digest).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..digest import folder_digest
 from .base import Adapter, MissingCheckpointError, resolve_dtype
 
 KINDS = ("linear", "mlp", "resampler<n>", "merger")
@@ -247,6 +249,7 @@ class ConnectorVariant(Adapter):
                   "pre_tokens": pre[0].shape[0], "native_image_tokens": post[0].shape[0],
                   "image_tokens": connector.tokens_out(pre[0].shape[0]), "seed": seed,
                   "base": {"family": base.family, "source": str(base_source), "revision": base_revision,
+                           "digest": folder_digest(base_source) if not base_revision and Path(base_source).is_dir() else None,
                            "prompt": base.prompt}}
         return cls(base, connector.to(base.device, base.dtype), config)
 
@@ -265,6 +268,9 @@ class ConnectorVariant(Adapter):
                                          f"with `dvc repro train_connector@{folder.name}`")
         config = json.loads((folder / CONFIG).read_text())
         b = config["base"]
+        if b.get("digest") and Path(b["source"]).is_dir() and folder_digest(b["source"]) != b["digest"]:
+            raise ValueError(f"{folder / CONFIG}: its base {b['source']} has changed since this connector was trained "
+                             f"on it (another digest of its files); retrain it: `dvc repro train_connector@{folder.name}`")
         base = load_adapter(b["family"], b["source"], revision=b["revision"], device=device, dtype=dtype,
                             prompt=prompt or b.get("prompt", ""), image_size=image_size)
         connector = build_connector(config["kind"], config["d_in"], config["d_out"], **config["size"])

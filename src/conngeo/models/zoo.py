@@ -37,6 +37,18 @@ def trainable_parameters(adapter) -> list[torch.nn.Parameter]:
     return [p for p in adapter.model.parameters() if p.requires_grad]
 
 
+def start_digest(model: torch.nn.Module, images: list[Image.Image]) -> str:
+    """sha256 of every parameter's bytes and every image's pixels before training: a saved training
+    state resumes only a run from the same start (initialisation, frozen encoder or base model, images)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    for image in images:
+        h.update(image.tobytes())
+    return h.hexdigest()[:16]
+
+
 def dihedral(image: Image.Image, draw: torch.Tensor) -> Image.Image:
     """One of the 8 flips/rotations of a square image, chosen by three coin tosses in `draw`."""
     if draw[0]:
@@ -74,7 +86,8 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     model = training_mode(adapter)
     losses, perm, first = [], torch.empty(0, dtype=torch.long), 0
     fp = hashlib.sha256(json.dumps([adapter.family, sorted(named), len(images), captions, steps, batch_size, lr,
-                                    seed, warmup, weight_decay, augment]).encode()).hexdigest()[:16]
+                                    seed, warmup, weight_decay, augment, start_digest(adapter.model, images)]
+                                   ).encode()).hexdigest()[:16]
     loaded = load_state(state, fp, opt, next(iter(params)).device) if state else None
     if loaded is not None:
         weights, meta = loaded

@@ -13,8 +13,8 @@ config.json in `out`), and `patience` epochs without a new best stop the run. Th
 state (current weights, AdamW moments, counters) is written to `out`/train_state.safetensors, so an
 interrupted run resumes from its last finished epoch. The data order and dropout noise of an epoch
 depend only on (seed, epoch), so a resumed run computes what the uninterrupted one would have. The
-state carries a fingerprint of the config, settings and split; another fingerprint starts afresh.
-The state file is removed when training finishes.
+state carries a fingerprint of the config, settings, split and data (its z-statistics); another
+fingerprint starts afresh. The state file is removed when training finishes.
 
 Data parallel: inside an initialised torch.distributed process group (`torchrun`), the model is
 wrapped in DistributedDataParallel and every rank reads and trains on its share of each batch (images
@@ -101,9 +101,15 @@ def evaluate(model: torch.nn.Module, source, indices: list[int], norm: Normalize
     return {"loss": loss / len(indices), "cosine": cosine / len(indices)}
 
 
-def fingerprint(config: ReconConfig, settings: TrainSettings, train: list[str], val: list[str]) -> str:
+def fingerprint(config: ReconConfig, settings: TrainSettings, train: list[str], val: list[str],
+                norm: Normalizer) -> str:
+    """What a saved state must match to be resumed: config, settings, split, and the data through the
+    z-statistics fitted on it (vectors re-extracted from a retrained model give other statistics)."""
+    moments = hashlib.sha256()
+    for name in ("pre_mean", "pre_std", "post_mean", "post_std"):
+        moments.update(getattr(norm, name).float().cpu().numpy().tobytes())
     blob = {"config": asdict(config), "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
-            "train": train, "val": val}
+            "train": train, "val": val, "data": moments.hexdigest()}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -153,7 +159,7 @@ def train_reconstructor(config: ReconConfig, source, train: list[int], val: list
     steps_per_epoch = sum(math.ceil(len(w) / settings.batch_size) for w in windows(sorted(train), window))
     total = settings.epochs * steps_per_epoch
 
-    fp = fingerprint(config, settings, [source.stems[i] for i in train], [source.stems[i] for i in val])
+    fp = fingerprint(config, settings, [source.stems[i] for i in train], [source.stems[i] for i in val], norm)
     if len(train) + len(val) <= window:  # they fit in memory: read them once, not once per epoch
         source, train, val = in_memory(source, train, val)
     loaded = load_state(out / STATE, fp, opt, device) if resume else None
