@@ -152,7 +152,7 @@ def write_pool(root: Path, shape: str, shards: int, shard_size: int, seed: int, 
 
 def bench_params(image_root: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["references"]["spaces"] = {"clip": {"kind": "clip", "source": "data/models/clip", "hub": None,
+    params["references"]["spaces"] = {"clip": {"kind": "clip", "source": "data/zoo/clip", "hub": None,
                                                "revision": None, "dtype": "float32", "pooling": "cls"}}
     params["data"]["root"] = image_root
     params["device"] = "cpu"

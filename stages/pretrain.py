@@ -1,5 +1,5 @@
-"""Stage pretrain: the tiny pretrained models the zoo and the references stand on. Each entry of
-params.yaml `pretrain` names its recipe:
+"""The tiny pretrained models the zoo and the references stand on, trained by the zoo stage (stages/zoo.py).
+Each entry of params.yaml `pretrain` names its recipe:
 
 clip    CLIPModel, contrastive on (image, caption)
 siglip  SiglipModel, sigmoid loss on (image, caption)
@@ -13,17 +13,14 @@ comparing with it is an outside view), a SigLIP for the tiny Idefics2 and a DINO
 import time
 from pathlib import Path
 
-import torch
 import typer
 from dvclive import Live
 
-from common import dvclive_logger, load_params, run, write_json, write_timings
+from common import dvclive_logger, write_json, write_timings
 from conngeo import layout
 from conngeo.data.images import load_image, scan
 from conngeo.data.toyworld import parse_caption
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
-
-app = typer.Typer(add_completion=False)
 
 
 def trainer(kind: str):
@@ -59,21 +56,11 @@ def quality(kind: str, model, processor, heldout) -> dict:
     return {}
 
 
-@app.command()
-def main(
-    name: str = typer.Option(..., help="an entry of params.yaml `pretrain`"),
-    train_root: Path = typer.Option(Path("data/images/toyfood_train"), help="training split"),
-    out: Path = typer.Option(None, help="checkpoint folder (default data/models/<name>)"),
-):
-    """Train one tiny pretrained model on the training split (held-out images excluded) and save it."""
-    params = load_params()
-    zoo = params["zoo"]
-    torch.set_num_threads(zoo["threads"])  # the thread count changes the trained weights' last bits
-    if name not in params["pretrain"]:
-        raise SystemExit(f"unknown pretrain entry {name!r}; params.yaml pretrain has {sorted(params['pretrain'])}")
-    recipe = params["pretrain"][name]
+def train_pretrained(name: str, params, train_root: Path, image_size: int, out: Path) -> None:
+    """Train pretrain entry `name` on `image_size`-px images of the training split (held-out images excluded), save it in `out` and write
+    its held-out check to metrics/zoo/<name>.json."""
+    zoo, recipe = params["zoo"], params["pretrain"][name]
     kind = recipe["recipe"]
-    out = out or layout.data("models", name)
     all_items = scan(train_root).items
     items, heldout = all_items[:-zoo["heldout"]], all_items[-zoo["heldout"]:]
     images, captions = [load_image(it.path) for it in items], [it.caption for it in items]
@@ -81,7 +68,7 @@ def main(
     start = time.perf_counter()
     with Live(dir=str(layout.live("pretrain", name)), dvcyaml=False, save_dvc_exp=False) as live:
         log = dvclive_logger(live, prefix="train/")
-        model, processor = trainer(kind)(images, captions, tokenizer, image_size=params["toyworld"]["toyfood"]["image_size"],
+        model, processor = trainer(kind)(images, captions, tokenizer, image_size=image_size,
                                          steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                                          patch_size=recipe["patch_size"], seed=recipe["seed"], log=log)
     seconds = time.perf_counter() - start
@@ -91,8 +78,4 @@ def main(
     report = {"recipe": kind, "seed": recipe["seed"], "parameters": sum(p.numel() for p in model.parameters()), "patch_size": recipe["patch_size"],
               "train_images": len(items), **quality(kind, model, processor, heldout)}
     write_json(layout.details("zoo", name), report)
-    typer.echo(f"pretrain: {name} ({kind}): {report['parameters'] / 1e6:.2f}M parameters, {seconds:.0f} s -> {out}")
-
-
-if __name__ == "__main__":
-    run(app)
+    typer.echo(f"pretrain: {name} ({kind}): {report['parameters'] / 1e6:.2f}M parameters, {seconds:.0f} s")

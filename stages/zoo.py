@@ -1,48 +1,93 @@
-"""Stage zoo: train one tiny checkpoint of a real VLM class on the toy-food world, save it in
-Hugging Face format under data/models/<name>, and check its captions on held-out images.
+"""Stage zoo: the default study's tiny checkpoints, trained on a toy world's training split and saved in
+Hugging Face format under data/zoo/<name>:
 
-Families that freeze a pretrained encoder (LLaVA, Idefics2) name the pretrain product they take it
-from (`Adapter.frozen_encoder`: clip, siglip) and load it themselves (`load_frozen_encoder`).
+- every entry of params `pretrain`: the tiny pretrained models (stages/pretrain.py);
+- every entry of params `zoo.models`: one tiny VLM per real transformers class, each with its family's recipe,
+  saved, reloaded from disk and checked on the held-out images (metrics/zoo/<name>.json).
 
-Threads (params zoo.threads): measured train steps (batch 32, ms, 1 vs 2 threads, idle 2-core
-machine): llava 29 vs 20, idefics2 59 vs 40, qwen3.5 93 vs 66. A second busy process turns that
-around (llava 62 vs 83 ms in an earlier measurement, and a 2-thread run once stalled to ~750 ms per
-step beside other jobs): set 1 on a shared machine.
+The entries train `zoo.workers` at a time, each in a process of its own with `zoo.threads` torch threads, a VLM
+as soon as the pretrained encoder it freezes (Adapter.frozen_encoder: clip, siglip) is saved. DVC runs one
+stage at a time, and on 2 cores two one-thread trainings side by side do 1.3-1.5 times the work of one
+two-thread training (README, Speed).
+
+A finished entry is kept (data/zoo persists) while its fingerprint is unchanged: its recipe, the shared zoo
+settings, the training images, the code that trains it (CODE) and, for a VLM, the fingerprint of the encoder
+it freezes. So a changed recipe retrains that entry and the VLM that freezes it, an interrupted run trains only
+what it had not finished, and an entry removed from params is removed here. `--only NAME` trains one entry in
+this process (what each worker runs).
 """
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import typer
 import torch
+import typer
 from dvclive import Live
+from tqdm import tqdm
 
-from common import dvclive_logger, load_params, run, write_json, write_timings
-from conngeo import layout
+from common import PROJECT, dvclive_logger, load_params, run, write_json, write_timings
+from conngeo import interrupt, layout
 from conngeo.data.images import load_image, scan
+from conngeo.digest import folder_digest
 from conngeo.models import adapter_class
 from conngeo.models.tokenizer import build_tokenizer, read_vocab
 from conngeo.models.zoo import caption_accuracy, train_captioner
+from pretrain import train_pretrained
 
 app = typer.Typer(add_completion=False)
 
+# what trains an entry: a change retrains every entry (dvc.yaml lists the same files as the stage's deps)
+CODE = ("stages/zoo.py", "stages/pretrain.py", "src/conngeo/models/__init__.py", "src/conngeo/models/base.py",
+        "src/conngeo/models/tokenizer.py", "src/conngeo/models/zoo.py", "src/conngeo/models/pretrain.py",
+        "src/conngeo/models/pretrain_siglip.py", "src/conngeo/models/llava.py", "src/conngeo/models/idefics2.py",
+        "src/conngeo/models/qwen2_5_vl.py", "src/conngeo/models/qwen3_5.py")
+FINGERPRINT = "zoo_fingerprint.txt"  # in each checkpoint folder, written last: the entry is finished
 
-@app.command()
-def main(
-    model: str = typer.Option(..., help="a name from params.yaml zoo.models"),
-    train_root: Path = typer.Option(Path("data/images/toyfood_train"), help="training split"),
-    pretrained: Path = typer.Option(Path("data/models"), help="folder of the pretrain stage's models (clip, siglip): "
-                                    "frozen-encoder families take their vision tower from <pretrained>/<frozen_encoder>"),
-    out: Path = typer.Option(None, help="checkpoint folder (default data/models/<model>)"),
-):
-    """Train, save with save_pretrained, reload from disk and report caption accuracy per attribute."""
-    params = load_params()
-    zoo, size = params["zoo"], params["toyworld"]["toyfood"]["image_size"]
-    torch.set_num_threads(zoo["threads"])
+
+def frozen_encoders(params) -> dict[str, str | None]:
+    """Every entry -> the pretrain entry it freezes (None for pretrain entries and jointly trained VLMs)."""
+    needs = {name: None for name in params["pretrain"]}
+    for model, recipe in params["zoo"]["models"].items():
+        if model in needs:
+            raise ValueError(f"params.yaml: {model!r} is both a pretrain entry and a zoo model; rename one "
+                             "(both are saved as data/zoo/<name>)")
+        encoder = adapter_class(recipe["family"]).frozen_encoder
+        if encoder and encoder not in params["pretrain"]:
+            raise ValueError(f"params.yaml: zoo model {model!r} ({recipe['family']}) freezes the pretrain entry "
+                             f"{encoder!r}, which params.yaml `pretrain` does not have; add it back")
+        needs[model] = encoder
+    return needs
+
+
+def fingerprints(params, needs: dict[str, str | None], train_root: Path, image_size: int) -> dict[str, str]:
+    """Entry -> a digest of everything its checkpoint depends on (the module docstring lists it)."""
+    zoo = params["zoo"]
+    shared = [zoo["seed"], zoo["heldout"], zoo["eval_every"], zoo["threads"], image_size, folder_digest(train_root),
+              [hashlib.sha256((PROJECT / f).read_bytes()).hexdigest() for f in CODE]]
+    prints = {}
+    for name, encoder in sorted(needs.items(), key=lambda kv: kv[1] is not None):  # encoders first
+        recipe = params["pretrain"][name] if name in params["pretrain"] else params["zoo"]["models"][name]
+        text = json.dumps([name, dict(recipe), shared, prints.get(encoder)], sort_keys=True)
+        prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return prints
+
+
+def finished(folder: Path, fingerprint: str) -> bool:
+    return (folder / FINGERPRINT).is_file() and (folder / FINGERPRINT).read_text().strip() == fingerprint
+
+
+def train_vlm(model: str, params, train_root: Path, size: int, pretrained: Path, out: Path) -> None:
+    """Train zoo model `model` on `size`-px images, save it in `out`, reload it from disk and write its
+    held-out accuracy."""
+    zoo = params["zoo"]
     recipe = zoo["models"][model]
-    out = out or layout.data("models", model)
     cls = adapter_class(recipe["family"])
-
     items = scan(train_root).items
     images = [load_image(it.path) for it in items]
     captions = [it.caption for it in items]
@@ -76,6 +121,84 @@ def main(
               "examples": [{"reference": r, "generated": g} for r, g in zip(captions[n_train:n_train + 5], generated)]}
     write_json(layout.details("zoo", model), report)
     typer.echo(f"zoo: {model} trained in {seconds:.0f} s; held-out accuracy {accuracy}")
+
+
+def train_one(name: str, params, train_root: Path, image_size: int, out_root: Path, fingerprint: str) -> None:
+    """Train entry `name` into a temporary folder and move it to <out_root>/<name> when it is finished."""
+    torch.set_num_threads(params["zoo"]["threads"])  # the thread count changes the trained weights' last bits
+    tmp, out = out_root / f".{name}.tmp", out_root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name in params["pretrain"]:
+        train_pretrained(name, params, train_root, image_size, tmp)
+    else:
+        train_vlm(name, params, train_root, image_size, out_root, tmp)
+    (tmp / FINGERPRINT).write_text(fingerprint + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def train_all(todo: list[str], needs: dict[str, str | None], workers: int, argv: list[str]) -> None:
+    """Run `argv + ["--only", name]` for every name in `todo`, `workers` at a time, each once the entry it
+    needs is done (in `todo` order otherwise). A failure lets the running ones finish and stops."""
+    waiting, running, failed = list(todo), {}, []
+    env = {**os.environ, **({"TQDM_DISABLE": "1"} if workers > 1 else {})}  # bars of parallel runs would mix
+    with tqdm(total=len(todo), desc="zoo", unit="checkpoint") as bar:
+        while waiting or running:
+            ready = [n for n in waiting if needs[n] not in waiting and needs[n] not in running]
+            while ready and len(running) < workers and not failed:
+                name = ready.pop(0)
+                waiting.remove(name)
+                running[name] = subprocess.Popen([*argv, "--only", name], env=env)
+            if not running:
+                break
+            time.sleep(0.2)
+            if interrupt.requested():
+                for process in running.values():
+                    process.kill()  # through scripts/warm.py's client this ends the script too
+                    process.wait()
+                break
+            for name in [n for n, p in running.items() if p.poll() is not None]:
+                if running.pop(name).returncode:
+                    failed.append(name)
+                bar.update()
+    interrupt.check(f"{len(todo) - len(waiting) - len(running) - len(failed)} of {len(todo)} checkpoints")
+    if failed or waiting:
+        raise SystemExit(f"zoo: {', '.join(failed)} failed (the error is above); "
+                         f"{len(waiting)} not started; the finished ones are kept: run it again to go on")
+
+
+@app.command()
+def main(
+    train_root: Path = typer.Option(..., help="a toy world's training split (its last zoo.heldout images are held out)"),
+    image_size: int = typer.Option(..., help="the toy world's image size (params toyworld.<world>.image_size)"),
+    out: Path = typer.Option(Path("data/zoo"), help="checkpoint folders <out>/<name>; a VLM's frozen encoder is <out>/<its pretrain entry>"),
+    only: str = typer.Option(None, help="train this one entry here (pretrain or zoo.models), whatever its fingerprint"),
+):
+    """Train every tiny checkpoint whose fingerprint changed, zoo.workers at a time."""
+    params = load_params()
+    needs = frozen_encoders(params)
+    prints = fingerprints(params, needs, train_root, image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    if only:
+        if only not in needs:
+            raise SystemExit(f"unknown entry {only!r}; params.yaml pretrain and zoo.models have {sorted(needs)}")
+        return train_one(only, params, train_root, image_size, out, prints[only])
+
+    for folder in out.iterdir():  # entries no longer in params, and the parts of an interrupted run
+        if folder.name not in needs:
+            shutil.rmtree(folder)
+    kept = [name for name in needs if finished(out / name, prints[name])]
+    todo = [name for name in needs if name not in kept]
+    workers = params["zoo"]["workers"]
+    typer.echo(f"zoo: {len(needs)} checkpoints in {out}: {len(kept)} kept, {len(todo)} to train, "
+               f"{workers} at a time with {params['zoo']['threads']} torch thread(s) each")
+    if not todo:
+        return
+    start = time.perf_counter()
+    script = [sys.executable, str(PROJECT / "scripts" / "warm.py"), sys.argv[0],
+              "--train-root", str(train_root), "--image-size", str(image_size), "--out", str(out)]
+    train_all(todo, needs, workers, script)
+    write_timings("zoo", "all", total=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

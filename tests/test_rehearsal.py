@@ -68,7 +68,7 @@ def rehearsal(tmp_path_factory, rehearsal_checkpoints):
 def test_no_toy_stage_in_the_real_pipeline(rehearsal):
     stages = run("dvc", "stage", "list", "--name-only", cwd=rehearsal).stdout.split()
     assert not [s for s in stages if s.startswith(("toyworld", "pretrain", "zoo", "train_connector"))]
-    assert not (rehearsal / "data/images/toyfood").exists() and not (rehearsal / "data/models/llava").exists()
+    assert not (rehearsal / "data/images/toyfood").exists() and not (rehearsal / "data/zoo/llava").exists()
 
 
 def test_every_image_of_a_model_has_the_token_shape_of_its_image_size(rehearsal):

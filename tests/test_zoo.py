@@ -208,3 +208,73 @@ def test_heldout_checks_are_logged_and_leave_the_training_as_it_was(toy):
     assert sorted(s for s, v in logged.items() if "heldout/counts" in v) == [2, 5, 6]
     final, _ = caption_accuracy(checked, images[:2], captions[:2])
     assert {k: logged[6][f"heldout/{k}"] for k in final} == final
+
+
+# -- the zoo stage: which entries it trains, in what order, how many at a time ------------------------
+
+def zoo_stage():
+    import importlib
+    import sys
+    from pathlib import Path
+    stages = str(Path(__file__).resolve().parents[1] / "stages")
+    sys.path.insert(0, stages)
+    try:
+        return importlib.import_module("zoo")
+    finally:
+        sys.path.remove(stages)
+
+
+ZOO_PARAMS = {"pretrain": {"clip": {"recipe": "clip", "steps": 3}, "siglip": {"recipe": "siglip", "steps": 3},
+                           "dino": {"recipe": "dino", "steps": 3}},
+              "zoo": {"seed": 0, "heldout": 8, "eval_every": 250, "threads": 1,
+                      "models": {"llava": {"family": "llava", "steps": 3}, "idefics2": {"family": "idefics2", "steps": 3},
+                                 "qwen2_5vl": {"family": "qwen2.5vl", "steps": 3}}}}
+
+
+def test_zoo_fingerprint_follows_what_an_entry_is_trained_from(tmp_path):
+    import copy
+    zoo = zoo_stage()
+    (tmp_path / "a.png").write_bytes(b"image")
+    needs = zoo.frozen_encoders(ZOO_PARAMS)
+    assert needs == {"clip": None, "siglip": None, "dino": None, "llava": "clip", "idefics2": "siglip", "qwen2_5vl": None}
+    before = zoo.fingerprints(ZOO_PARAMS, needs, tmp_path, 48)
+    changed = copy.deepcopy(ZOO_PARAMS)
+    changed["pretrain"]["clip"]["steps"] = 4  # the frozen encoder of llava, of nothing else
+    after = zoo.fingerprints(changed, needs, tmp_path, 48)
+    assert {name for name in before if before[name] != after[name]} == {"clip", "llava"}
+    assert zoo.fingerprints(ZOO_PARAMS, needs, tmp_path, 32) != before  # shared settings: every entry
+    (tmp_path / "a.png").write_bytes(b"other image")
+    assert set(zoo.fingerprints(ZOO_PARAMS, needs, tmp_path, 48).values()).isdisjoint(before.values())
+    missing = copy.deepcopy(ZOO_PARAMS)
+    del missing["pretrain"]["clip"]
+    with pytest.raises(ValueError, match="freezes the pretrain entry 'clip'"):
+        zoo.frozen_encoders(missing)
+
+
+def test_zoo_trains_at_most_workers_at_a_time_and_each_after_its_encoder(tmp_path):
+    """train_all on stand-in jobs that log their start and end: the scheduling, not the training."""
+    import sys
+    zoo = zoo_stage()
+    log = tmp_path / "log"
+    job = ("import sys, time; log = open(sys.argv[1], 'a'); name = sys.argv[-1]; print('start', name, file=log, "
+           "flush=True); time.sleep(0.3); print('end', name, file=log, flush=True); sys.exit(name == 'bad')")
+    needs = {"clip": None, "siglip": None, "dino": None, "llava": "clip", "idefics2": "siglip", "qwen2_5vl": None}
+    zoo.train_all(["clip", "siglip", "llava", "idefics2", "qwen2_5vl", "dino"], needs, 2,
+                  [sys.executable, "-c", job, str(log)])
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(name for what, name in events if what == "end") == sorted(needs)
+    running, most = set(), 0
+    for what, name in events:
+        if what == "start":
+            assert needs[name] is None or ("end", needs[name]) in [tuple(e) for e in events[:events.index([what, name])]]
+            running.add(name)
+        else:
+            running.discard(name)
+        most = max(most, len(running))
+    assert most == 2
+    # a failure: the running job finishes, nothing new starts, the stage stops naming it
+    log.unlink()
+    with pytest.raises(SystemExit, match="bad failed.*1 not started"):
+        zoo.train_all(["bad", "clip", "siglip"], {"bad": None, "clip": None, "siglip": None}, 2,
+                      [sys.executable, "-c", job, str(log)])
+    assert sorted(line for line in log.read_text().splitlines() if line.startswith("end")) == ["end bad", "end clip"]

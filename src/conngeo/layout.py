@@ -4,7 +4,8 @@ Stages, the report, scripts/make_sample.py and stages/verify.py ask here instead
 that a folder moves in one place (and in dvc.yaml). `root` is the project root, or a copy of its
 layout such as sample/.
 
-    data/models/<name>          checkpoints (tiny zoo, pretrain, connector variants)
+    data/zoo/<name>             the tiny checkpoints: pretrained models and the VLM zoo (zoo)
+    data/models/<name>          connector variants (train_connector)
     data/vectors/<model>        E_pre / E_post shards (extract)
     data/refs/<space>           reference embeddings (references)
     data/knn/<model>            per-image geometry, probes (knn)

@@ -23,7 +23,7 @@ its M-RoPE positions come from the patch grid (image_grid_thw), which a resample
 
 Saved as connector.safetensors + connector.json (kind, sizes, widths, and the base's source and
 revision, or for a base without a revision the digest of its files). The base is not copied: loading
-reads it from where it was, e.g. data/models/llava relative to the repository root (a DVC checkout has
+reads it from where it was, e.g. data/zoo/llava relative to the repository root (a DVC checkout has
 it as the zoo stage's output), and refuses a base retrained since (another digest).
 """
 
