@@ -68,14 +68,18 @@ def frozen_encoders(params) -> dict[str, str | None]:
 def fingerprints(params, needs: dict[str, str | None], train_root: Path, image_size: int) -> dict[str, str]:
     """Entry -> a digest of everything its checkpoint depends on (the module docstring lists it)."""
     zoo = params["zoo"]
-    shared = [zoo["seed"], zoo["heldout"], zoo["eval_every"], zoo["threads"], image_size, folder_digest(train_root),
+    shared = [zoo["heldout"], zoo["threads"], image_size, folder_digest(train_root),
               [hashlib.sha256((PROJECT / f).read_bytes()).hexdigest() for f in CODE]]
     prints = {}
-    for name, encoder in sorted(needs.items(), key=lambda kv: kv[1] is not None):  # encoders first
-        recipe = params["pretrain"][name] if name in params["pretrain"] else params["zoo"]["models"][name]
-        text = json.dumps([name, dict(recipe), shared, prints.get(encoder)], sort_keys=True)
-        prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    for name in sorted(params["pretrain"]):  # first: a VLM's fingerprint includes its encoder's
+        prints[name] = digest([name, dict(params["pretrain"][name]), shared])
+    for name, recipe in zoo["models"].items():
+        prints[name] = digest([name, dict(recipe), shared, zoo["seed"], zoo["eval_every"], prints.get(needs[name])])
     return prints
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finished(folder: Path, fingerprint: str) -> bool:
