@@ -141,6 +141,13 @@ def train_one(name: str, params, train_root: Path, image_size: int, out_root: Pa
     tmp.rename(out)
 
 
+def training_order(needs: dict[str, str | None], vlms) -> list[str]:
+    """The encoders a VLM waits for, then the VLMs, then the pretrained models nothing here waits for (the
+    reference spaces), so that the longest chains start first; params order otherwise."""
+    encoders = set(needs.values())
+    return sorted(needs, key=lambda name: 0 if name in encoders else 1 if name in vlms else 2)
+
+
 def train_all(todo: list[str], needs: dict[str, str | None], workers: int, argv: list[str]) -> None:
     """Run `argv + ["--only", name]` for every name in `todo`, `workers` at a time, each once the entry it
     needs is done (in `todo` order otherwise). A failure lets the running ones finish and stops."""
@@ -192,7 +199,7 @@ def main(
         if folder.name not in needs:
             shutil.rmtree(folder)
     kept = [name for name in needs if finished(out / name, prints[name])]
-    todo = [name for name in needs if name not in kept]
+    todo = [name for name in training_order(needs, params["zoo"]["models"]) if name not in kept]
     workers = params["zoo"]["workers"]
     typer.echo(f"zoo: {len(needs)} checkpoints in {out}: {len(kept)} kept, {len(todo)} to train, "
                f"{workers} at a time with {params['zoo']['threads']} torch thread(s) each")
