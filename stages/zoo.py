@@ -142,10 +142,11 @@ def train_one(name: str, params, train_root: Path, image_size: int, out_root: Pa
 
 
 def training_order(needs: dict[str, str | None], vlms) -> list[str]:
-    """The encoders a VLM waits for, then the VLMs, then the pretrained models nothing here waits for (the
-    reference spaces), so that the longest chains start first; params order otherwise."""
+    """The encoders a VLM waits for, then the VLMs, most steps first, then the pretrained models nothing here
+    waits for (the reference spaces): the longest chains start first, so that the two workers end together."""
     encoders = set(needs.values())
-    return sorted(needs, key=lambda name: 0 if name in encoders else 1 if name in vlms else 2)
+    return sorted(needs, key=lambda name: (0, 0) if name in encoders else (1, -vlms[name]["steps"]) if name in vlms
+                  else (2, 0))
 
 
 def train_all(todo: list[str], needs: dict[str, str | None], workers: int, argv: list[str]) -> None:
