@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run, tree_digest
+from conftest import ROOT, run, tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +54,14 @@ def test_every_param_a_stage_reads_is_declared_in_its_stage(smoke_project):
             if not any(path == k or path.startswith(k + ".") for k in keys):
                 undeclared.setdefault(name, []).append(read)
     assert not undeclared, f"read but not declared in dvc.yaml params: {undeclared}"
+
+
+def test_committed_lock_records_the_pipelines_stages_only():
+    """dvc.lock has an entry for every stage of dvc.yaml and for nothing else: DVC never removes the entry of a
+    stage that dvc.yaml no longer has (the pretrain@ and zoo@<model> stages of before the zoo became one stage
+    were left behind), and it reads and rewrites the whole file after every stage it runs."""
+    stages = set(run("dvc", "stage", "list", "--all", "--name-only", cwd=ROOT).stdout.split())
+    assert set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]) == stages
 
 
 def push_clone_pull(project: Path, work: Path, url: str, config: dict[str, str] = {}) -> Path:
