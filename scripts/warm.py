@@ -36,8 +36,8 @@ PRELOAD = ("numpy", "torch", "transformers", "transformers.modeling_utils", "tra
            "transformers.models.clip.modeling_clip", "transformers.models.siglip.modeling_siglip",
            "transformers.models.dinov2.modeling_dinov2", "transformers.models.roberta.modeling_roberta",
            "tokenizers", "safetensors.torch", "PIL.Image", "pandas", "scipy.stats", "typer", "yaml", "tqdm",
-           "dvclive", "bert_score", "matplotlib.pyplot", "sklearn.linear_model", "pydantic.main", "PIL.ImageDraw", "dvc.repo",
-           "matplotlib.backends.backend_agg", "transformers.models.bert.modeling_bert")
+           "dvclive", "bert_score", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "sklearn.linear_model",
+           "pydantic.main", "PIL.ImageDraw", "dvc.repo", "transformers.models.bert.modeling_bert")
 
 
 # what changes from one command to the next without changing what an import does: DVC names each stage in

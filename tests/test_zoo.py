@@ -231,6 +231,16 @@ ZOO_PARAMS = {"pretrain": {"clip": {"recipe": "clip", "steps": 3}, "siglip": {"r
                                  "qwen2_5vl": {"family": "qwen2.5vl", "steps": 3}}}}
 
 
+def test_zoo_stage_deps_are_the_code_its_fingerprints_hash():
+    """dvc.yaml lists the zoo stage's code by hand: the same files as CODE, so that DVC reruns the stage whenever
+    a fingerprint would change, and only then."""
+    import yaml
+    from pathlib import Path
+    dvc = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    deps = dvc["stages"]["zoo"]["do"]["deps"]
+    assert [d for d in deps if not d.startswith("data/")] == list(zoo_stage().CODE)
+
+
 def test_zoo_fingerprint_follows_what_an_entry_is_trained_from(tmp_path):
     import copy
     zoo = zoo_stage()
@@ -258,22 +268,57 @@ def test_zoo_fingerprint_follows_what_an_entry_is_trained_from(tmp_path):
         zoo.frozen_encoders(missing)
 
 
+# A stand-in for a worker: logs "start NAME PID", waits for an event, logs "end NAME PID". No job waits on the
+# clock: `side-by-side` ends once `workers` jobs have been running at once since it started (or every job has
+# started, for the last ones), `after-bad` once the failing job's process has been reaped, so that the stage has
+# seen the failure.
+STAND_IN = """
+import os, sys, time
+log, mode, workers, total, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[-1]
+def say(what): print(what, name, os.getpid(), file=open(log, "a"), flush=True)
+def events(): return [line.split() for line in open(log).read().splitlines()]
+def reaped(pid):
+    try:
+        os.kill(pid, 0)  # a finished child stays (a zombie) until its parent reaps it
+    except ProcessLookupError:
+        return True
+    return False
+say("start")
+if name == "bad":
+    say("end")
+    sys.exit(1)
+give_up = time.monotonic() + 60  # only a stage that never runs them as asked gets here
+while time.monotonic() < give_up:
+    seen, running, most, mine = events(), 0, 0, False
+    for what, who, _ in seen:
+        running += 1 if what == "start" else -1
+        mine = mine or who == name
+        most = max(most, running) if mine else 0
+    if mode == "side-by-side" and (most >= workers or sum(e[0] == "start" for e in seen) == total):
+        break
+    if mode == "after-bad" and any(e[:2] == ["end", "bad"] and reaped(int(e[2])) for e in seen):
+        break
+    time.sleep(0.01)
+else:
+    sys.exit(3)
+say("end")
+"""
+
+
 def test_zoo_trains_at_most_workers_at_a_time_and_each_after_its_encoder(tmp_path):
     """train_all on stand-in jobs that log their start and end: the scheduling, not the training."""
     import sys
     zoo = zoo_stage()
     log = tmp_path / "log"
-    job = ("import sys, time; log = open(sys.argv[1], 'a'); name = sys.argv[-1]; print('start', name, file=log, "
-           "flush=True); time.sleep(0.3); print('end', name, file=log, flush=True); sys.exit(name == 'bad')")
     needs = {"clip": None, "siglip": None, "dino": None, "llava": "clip", "idefics2": "siglip", "qwen2_5vl": None}
     zoo.train_all(["clip", "siglip", "llava", "idefics2", "qwen2_5vl", "dino"], needs, 2,
-                  [sys.executable, "-c", job, str(log)])
-    events = [line.split() for line in log.read_text().splitlines()]
+                  [sys.executable, "-c", STAND_IN, str(log), "side-by-side", "2", str(len(needs))])
+    events = [line.split()[:2] for line in log.read_text().splitlines()]
     assert sorted(name for what, name in events if what == "end") == sorted(needs)
     running, most = set(), 0
-    for what, name in events:
+    for at, (what, name) in enumerate(events):
         if what == "start":
-            assert needs[name] is None or ("end", needs[name]) in [tuple(e) for e in events[:events.index([what, name])]]
+            assert needs[name] is None or ["end", needs[name]] in events[:at]
             running.add(name)
         else:
             running.discard(name)
@@ -283,5 +328,6 @@ def test_zoo_trains_at_most_workers_at_a_time_and_each_after_its_encoder(tmp_pat
     log.unlink()
     with pytest.raises(SystemExit, match="bad failed.*1 not started"):
         zoo.train_all(["bad", "clip", "siglip"], {"bad": None, "clip": None, "siglip": None}, 2,
-                      [sys.executable, "-c", job, str(log)])
-    assert sorted(line for line in log.read_text().splitlines() if line.startswith("end")) == ["end bad", "end clip"]
+                      [sys.executable, "-c", STAND_IN, str(log), "after-bad", "2", "3"])
+    assert sorted(line.split()[0] + " " + line.split()[1] for line in log.read_text().splitlines()) == [
+        "end bad", "end clip", "start bad", "start clip"]
