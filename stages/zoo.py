@@ -7,7 +7,7 @@ Hugging Face format under data/zoo/<name>:
 
 The entries train `zoo.workers` at a time, each in a process of its own with `zoo.threads` torch threads, a VLM
 as soon as the pretrained encoder it freezes (Adapter.frozen_encoder: clip, siglip) is saved. DVC runs one
-stage at a time, and on 2 cores two one-thread trainings side by side do 1.3-1.5 times the work of one
+stage at a time, and on 2 cores two one-thread trainings side by side do 1.4-1.5 times the work of one
 two-thread training (README, Speed).
 
 A finished entry is kept (data/zoo persists) while its fingerprint is unchanged: its recipe, the shared zoo
@@ -19,7 +19,6 @@ this process (what each worker runs).
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -86,7 +85,8 @@ def finished(folder: Path, fingerprint: str) -> bool:
     return (folder / FINGERPRINT).is_file() and (folder / FINGERPRINT).read_text().strip() == fingerprint
 
 
-def train_vlm(model: str, params, train_root: Path, size: int, pretrained: Path, out: Path) -> None:
+def train_vlm(model: str, params, train_root: Path, size: int, pretrained: Path, out: Path,
+              progress: bool = True) -> None:
     """Train zoo model `model` on `size`-px images, save it in `out`, reload it from disk and write its
     held-out accuracy."""
     zoo = params["zoo"]
@@ -110,7 +110,7 @@ def train_vlm(model: str, params, train_root: Path, size: int, pretrained: Path,
         train_captioner(adapter, images[:n_train], captions[:n_train], steps=recipe["steps"],
                         batch_size=recipe["batch_size"], lr=recipe["lr"], seed=zoo["seed"],
                         augment=recipe["augment"], log=log, heldout=(images[n_train:], captions[n_train:]),
-                        eval_every=zoo["eval_every"])
+                        eval_every=zoo["eval_every"], progress=progress)
     seconds = time.perf_counter() - start
     write_timings("zoo", model, train=seconds)
 
@@ -127,7 +127,8 @@ def train_vlm(model: str, params, train_root: Path, size: int, pretrained: Path,
     typer.echo(f"zoo: {model} trained in {seconds:.0f} s; held-out accuracy {accuracy}")
 
 
-def train_one(name: str, params, train_root: Path, image_size: int, out_root: Path, fingerprint: str) -> None:
+def train_one(name: str, params, train_root: Path, image_size: int, out_root: Path, fingerprint: str,
+              progress: bool = True) -> None:
     """Train entry `name` into a temporary folder and move it to <out_root>/<name> when it is finished."""
     torch.set_num_threads(params["zoo"]["threads"])  # the thread count changes the trained weights' last bits
     tmp, out = out_root / f".{name}.tmp", out_root / name
@@ -135,7 +136,7 @@ def train_one(name: str, params, train_root: Path, image_size: int, out_root: Pa
     if name in params["pretrain"]:
         train_pretrained(name, params, train_root, image_size, tmp)
     else:
-        train_vlm(name, params, train_root, image_size, out_root, tmp)
+        train_vlm(name, params, train_root, image_size, out_root, tmp, progress)
     (tmp / FINGERPRINT).write_text(fingerprint + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -153,14 +154,13 @@ def train_all(todo: list[str], needs: dict[str, str | None], workers: int, argv:
     """Run `argv + ["--only", name]` for every name in `todo`, `workers` at a time, each once the entry it
     needs is done (in `todo` order otherwise). A failure lets the running ones finish and stops."""
     waiting, running, failed = list(todo), {}, []
-    env = {**os.environ, **({"TQDM_DISABLE": "1"} if workers > 1 else {})}  # bars of parallel runs would mix
     with tqdm(total=len(todo), desc="zoo", unit="checkpoint") as bar:
         while waiting or running:
             ready = [n for n in waiting if needs[n] not in waiting and needs[n] not in running]
             while ready and len(running) < workers and not failed:
                 name = ready.pop(0)
                 waiting.remove(name)
-                running[name] = subprocess.Popen([*argv, "--only", name], env=env)
+                running[name] = subprocess.Popen([*argv, "--only", name])
             if not running:
                 break
             time.sleep(0.2)
@@ -185,6 +185,7 @@ def main(
     image_size: int = typer.Option(..., help="the toy world's image size (params toyworld.<world>.image_size)"),
     out: Path = typer.Option(Path("data/zoo"), help="checkpoint folders <out>/<name>; a VLM's frozen encoder is <out>/<its pretrain entry>"),
     only: str = typer.Option(None, help="train this one entry here (pretrain or zoo.models), whatever its fingerprint"),
+    progress: bool = typer.Option(True, help="a progress bar per training (off in the workers of a parallel run)"),
 ):
     """Train every tiny checkpoint whose fingerprint changed, zoo.workers at a time."""
     params = load_params()
@@ -194,7 +195,7 @@ def main(
     if only:
         if only not in needs:
             raise SystemExit(f"unknown entry {only!r}; params.yaml pretrain and zoo.models have {sorted(needs)}")
-        return train_one(only, params, train_root, image_size, out, prints[only])
+        return train_one(only, params, train_root, image_size, out, prints[only], progress)
 
     for folder in out.iterdir():  # entries no longer in params, and the parts of an interrupted run
         if folder.name not in needs:
@@ -207,8 +208,11 @@ def main(
     if not todo:
         return
     start = time.perf_counter()
+    # the bars of parallel trainings would mix; an option, not TQDM_DISABLE, which tqdm reads when imported: a
+    # changed environment would start a second scripts/warm.py server, importing torch and transformers again
     script = [sys.executable, str(PROJECT / "scripts" / "warm.py"), sys.argv[0],
-              "--train-root", str(train_root), "--image-size", str(image_size), "--out", str(out)]
+              "--train-root", str(train_root), "--image-size", str(image_size), "--out", str(out),
+              *(["--no-progress"] if workers > 1 else [])]
     train_all(todo, needs, workers, script)
     write_timings("zoo", "all", total=time.perf_counter() - start)
 

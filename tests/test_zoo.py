@@ -68,6 +68,20 @@ def test_training_lowers_the_loss_and_follows_the_recipe(family, toy, tmp_path):
         assert names and all(not torch.equal(rest[n], final[n]) for n in names), f"{family}: {part} not trained"
 
 
+def test_the_progress_bar_can_be_turned_off_and_the_weights_stay_the_same(toy, capsys):
+    """The zoo's parallel workers train with progress=False (stages/zoo.py --no-progress)."""
+    images, captions = toy
+    cls = adapter_class("qwen3.5")
+    runs = {}
+    for progress in (True, False):
+        adapter = cls.tiny(toy_tokenizer(cls.special_tokens), IMAGE_SIZE, seed=0)
+        runs[progress] = train_captioner(adapter, images, captions, steps=3, batch_size=4, lr=3e-3, warmup=1,
+                                         progress=progress)
+        runs[progress, "stderr"] = capsys.readouterr().err
+    assert "train qwen3.5" in runs[True, "stderr"] and "train qwen3.5" not in runs[False, "stderr"]
+    assert runs[True] == runs[False]
+
+
 def test_augmentation_shows_each_image_under_the_eight_flips_and_rotations(toy):
     image = toy[0][0]
     pixels = np.asarray(image)

@@ -64,7 +64,7 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
                     seed: int = 0, warmup: int = 100, weight_decay: float = 0.01, augment: bool = False,
                     log: Callable[[int, dict], None] | None = None, log_every: int = 50,
                     heldout: tuple[list, list[str]] | None = None, eval_every: int = 250,
-                    state: Path | None = None, save_every: int = 100) -> list[float]:
+                    state: Path | None = None, save_every: int = 100, progress: bool = True) -> list[float]:
     """Train `adapter.model` on (image, caption) pairs with its caption loss; returns the loss per step.
 
     `augment` shows each image under a random flip/rotation (`dihedral`): only for captions that
@@ -72,7 +72,7 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     `state`: a file where every `save_every` steps the trained parameters, the optimizer, the step, the
     data order and the random states are kept (conngeo.training_state), so that an interrupted run
     resumes from its last save and ends as the uninterrupted one would; removed when training ends.
-    A SIGTERM (conngeo.interrupt) stops the loop right after a save.
+    A SIGTERM (conngeo.interrupt) stops the loop right after a save. `progress`: a progress bar.
     `heldout`: (images, captions) whose greedy-caption accuracy (`caption_accuracy`) is logged as
     `heldout/<attribute>` every `eval_every` steps and at the last; greedy decoding draws no random
     numbers, so the trained weights are the same with or without it.
@@ -103,7 +103,8 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * warmup_cosine(first, steps, warmup)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
-    for step in tqdm(range(first, steps), desc=f"train {adapter.family}", unit="step", initial=first, total=steps):
+    for step in tqdm(range(first, steps), desc=f"train {adapter.family}", unit="step", initial=first, total=steps,
+                     disable=not progress):
         if len(perm) < batch_size:
             perm = torch.randperm(len(images), generator=order)
         idx, perm = perm[:batch_size].tolist(), perm[batch_size:]
