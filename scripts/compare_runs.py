@@ -1,13 +1,12 @@
 """Compare two runs of the study on its question: how far rho moves and which verdicts change between
 one run's `question.csv` and another's (another seed, another CPU, other params).
 
-    python scripts/compare_runs.py results replicates/amd-epyc
+    python scripts/compare_runs.py results results/replicates/replicate1
 
 Each argument is a results folder (holding question.csv) or a question.csv file; the first is the
 reference whose bootstrap intervals the second's rhos are checked against. To compare an experiment
 with the committed run: `git show <branch or exp branch>:results/question.csv > q.csv` (`dvc exp branch`
-makes a branch of an experiment). An experiment that retrains a checkpoint must start without the
-persisted parts: README, Interrupted runs, "Known defect".
+makes a branch of an experiment). scripts/replicates.py compares K runs that differ in their training seeds.
 """
 
 from pathlib import Path
@@ -31,10 +30,9 @@ def read_question(path: Path) -> pd.DataFrame:
 def main(
     first: Path = typer.Argument(..., help="the reference run: a results folder or its question.csv"),
     second: Path = typer.Argument(..., help="the other run: a results folder or its question.csv"),
-    min_changed: int = typer.Option(15, help="m below which a verdict is 'too few changed images' (params report.min_changed)"),
 ):
     """Print, as Markdown, how far the second run's correlations and verdicts are from the first's."""
-    typer.echo(format_comparison(compare_questions(read_question(first), read_question(second), min_changed)))
+    typer.echo(format_comparison(compare_questions(read_question(first), read_question(second))))
 
 
 if __name__ == "__main__":

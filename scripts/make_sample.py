@@ -38,11 +38,13 @@ def main(project: Path, out: Path = typer.Option(Path("sample"), help="the sampl
     copy(project / "params.yaml", out / "params.yaml")
     for space in params["references"]["spaces"]:
         copy(layout.data("refs", space, project) / "probes.csv", layout.data("refs", space, out) / "probes.csv")
+    kept = set()
     for model in params["models"]:
         split = pd.read_csv(layout.data("recon_eval", model, project) / "per_image.csv", keep_default_na=False,
                             dtype=str)
         order = pd.concat([split[split["split"] == "test"], split[split["split"] != "test"]])["stem"]
         stems = set(order[:images] if images else order)
+        kept |= stems
         per_image = [layout.data("knn", model, project) / "per_image.csv",
                      layout.data("recon_eval", model, project) / "per_image.csv",
                      layout.data("captions", model, project) / "captions.csv",
@@ -58,6 +60,9 @@ def main(project: Path, out: Path = typer.Option(Path("sample"), help="the sampl
                      layout.details("knn", model, project), layout.details("recon_eval", model, project)):
             if path.is_file():
                 copy(path, out / path.relative_to(project))
+    covariates = pd.read_csv(layout.covariates(project), keep_default_na=False, dtype=str)
+    layout.covariates(out).parent.mkdir(parents=True, exist_ok=True)
+    covariates[covariates["stem"].isin(kept)].to_csv(layout.covariates(out), index=False)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     typer.echo(f"make_sample: {len(params['models'])} models from {project} -> {out} ({size / 1024:.0f} KiB)")
 

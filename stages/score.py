@@ -47,7 +47,8 @@ def set_means(columns: dict[str, list], post: list[str], perturbation: dict | No
     """A caption set's means and counts, from its written columns (so a set kept from an interrupted run
     gives the same numbers as one scored now)."""
     captions = columns["caption"]
-    means = {k: mean(v) for k, v in columns.items() if k not in ("stem", "caption", "fraction", "reused_from")}
+    means = {k: mean(v) for k, v in columns.items()
+             if k not in ("stem", "caption", "fraction", "relative_change", "reused_from")}
     if "stability_f1" in columns:
         means["same_as_post"] = mean([float(a == b) for a, b in zip(captions, post)])
         means["empty_stability_pairs"] = sum(not a.strip() or not b.strip() for a, b in zip(captions, post))
@@ -144,8 +145,8 @@ def main(
             if cfg["truth"]:
                 truth = truth_table(captions_of_set, [r[0] if r else "" for r in references])
                 columns |= {f"truth_{k}": [("" if math.isnan(v) else str(int(v))) for v in truth[k]] for k in TRUTH_KEYS}
-            if perturbation:  # the actual share of tokens / directions changed in each image, for the report
-                columns |= {k: perturbation["table"][k] for k in ("fraction", "reused_from")}
+            if perturbation:  # the actual share of tokens / directions changed in each image, and of E_post's
+                columns |= {k: perturbation["table"][k] for k in ("fraction", "relative_change", "reused_from")}  # energy
             write_table(path, columns)
             done[name] = fp
             write_json(done_file, done)

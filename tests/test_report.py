@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from conngeo.report import figures, spearman, spearman_ci, tables
 
@@ -84,17 +84,20 @@ def test_bootstrap_counts_constant_resamples_as_no_association():
 MEASURES = tables.measures(["mask"], [0.5])
 
 
-def synthetic_tables(n=80, seed=0, models=("llava", "qwen2_5vl")):
-    """Per-image tables as tables.per_image() builds them: in the first model the instability follows
-    the reconstruction error; everything else is noise, and one measure is constant."""
+def synthetic_tables(n=120, seed=0, models=("llava", "qwen2_5vl")):
+    """Per-image tables as tables.per_image() builds them: in the first model the instability follows the
+    reconstruction error; in the second, the food count drives both KNOR change and masking instability (a
+    confounder, no direct link); everything else is noise, and one measure is constant."""
     rng = np.random.default_rng(seed)
     out = {}
     for j, model in enumerate(models):
         mse = rng.gamma(2.0, 0.3, size=n)
+        count = rng.integers(1, 7, size=n)
+        confounded = j == 1
         out[model] = pd.DataFrame({
             "stem": [f"s{i:03d}" for i in range(n)],
             "split": np.where(np.arange(n) % 5 == 0, "train", "test"),
-            "knor_change": rng.uniform(0, 1, size=n),
+            "knor_change": rng.uniform(0, 1, size=n) + (count if confounded else 0),
             "erank_drop": rng.normal(size=n),
             "distortion": rng.uniform(0, 1, size=n),
             "recon_mse": mse,
@@ -103,44 +106,78 @@ def synthetic_tables(n=80, seed=0, models=("llava", "qwen2_5vl")):
             "bertscore_instability": (mse if j == 0 else 0) + 0.1 * rng.normal(size=n),
             "clipscore_drop": rng.normal(size=n),
             "attribute_error_change": np.zeros(n),                 # constant: undefined correlation
-            "mask_instability": np.where(np.arange(n) < 5, rng.uniform(0.1, 1, size=n), 0.0),  # m = 5
+            "mask_instability": (count + rng.uniform(0, 1, size=n)) if confounded else
+                                np.where(np.arange(n) < 5, rng.uniform(0.1, 1, size=n), 0.0),  # m = 5
+            "mask_dose": rng.uniform(0, 1, size=n),
+            "food_count": count,
+            "plate": rng.choice(["blue", "white"], size=n),
             "erank_post": rng.uniform(2, 9, size=n),
             "clipscore_post": rng.uniform(0.3, 0.9, size=n),
         })
     return out
 
 
+def _within_strata_rho(x, y, strata):
+    a, b = np.zeros(len(x)), np.zeros(len(x))
+    for s in np.unique(strata):
+        m = strata == s
+        a[m], b[m] = rankdata(x[m]) - (m.sum() + 1) / 2, rankdata(y[m]) - (m.sum() + 1) / 2
+    return (a @ b) / math.sqrt((a @ a) * (b @ b))
+
+
 def test_questions_match_scipy_and_the_verdicts_follow_the_rule():
     from scipy.stats import false_discovery_control
 
+    from conngeo.report.stats import bh_cutoff, strata_ids
+
     per = synthetic_tables()
-    q = tables.question(per, MEASURES, n_perm=999, n_boot=200, seed=0, min_changed=15)
+    q = tables.question(per, MEASURES, ["food_count", "plate"], n_perm=999, n_boot=200, seed=0)
     geometry = {name: [x.name for x in MEASURES if x.kind == "geometry" and name in x.questions] for name in tables.QUESTIONS}
     instability = {name: [x.name for x in MEASURES if x.kind == "instability" and name in x.questions]
                    for name in tables.QUESTIONS}
     assert len(q) == 2 * sum(len(geometry[n]) * len(instability[n]) for n in tables.QUESTIONS)
+    circular = {x.name for x in MEASURES if x.circular}
+    assert circular == {"recon_mse", "lm_error", "recon_cosine_loss"}
+    assert ((q["family"] == "circular") == q["geometry"].isin(circular)).all()
     for _, row in q.iterrows():
         t = per[row["model"]]
         t = t[t["split"] == "test"] if row["question"] == "reconstruction" else t  # the question's images
         if row["instability"] == "attribute_error_change":
-            assert math.isnan(row["rho"]) and row["verdict"] == "too few changed images"  # m = 0
+            assert math.isnan(row["rho"]) and row["verdict"] == "undefined" and row["m"] == 0
             continue
-        assert row["n"] == len(t) and row["m"] == int((t[row["instability"]] != 0).sum())
-        assert row["rho"] == pytest.approx(spearmanr(t[row["geometry"]], t[row["instability"]]).statistic)
-    defined = q["p"].notna()
-    assert np.allclose(q.loc[defined, "q"], false_discovery_control(q.loc[defined, "p"], method="bh"))
-    assert (q.loc[q["m"] < 15, "verdict"] == "too few changed images").all()  # mask_instability: m = 5
-    assert ((q["m"] >= 15) & q["rho"].notna() & (q["q"] <= 0.05) == (q["verdict"] == "distinguishable")).all()
+        x, y = t[row["geometry"]].to_numpy(float), t[row["instability"]].to_numpy(float)
+        dose = [t["mask_dose"].to_numpy()] if row["instability"] == "mask_instability" else []
+        strata = strata_ids([t["food_count"].to_numpy(), t["plate"].to_numpy(), *dose])
+        assert row["adjusted_for"] == "food_count plate" + (" mask_dose" if dose else "")
+        assert row["n"] == len(t) and row["m"] == int((y != 0).sum())
+        assert row["rho_raw"] == pytest.approx(spearmanr(x, y).statistic)
+        assert row["rho"] == pytest.approx(_within_strata_rho(x, y, strata))
+    for family in tables.FAMILIES:
+        f = q[(q["family"] == family) & q["p"].notna()]
+        assert np.allclose(f["q"], false_discovery_control(f["p"], method="bh"))
+        assert np.allclose(f["q_raw"], false_discovery_control(f["p_raw"], method="bh"))
+        cutoff = bh_cutoff(q.loc[q["family"] == family, "p"])
+        expected = np.where(f["q"] > 0.05, "not distinguishable",
+                            np.where(f["p_drop"] <= cutoff, "distinguishable", "rests on one image"))
+        assert (f["verdict"] == expected).all()
+    assert q.loc[q["q"] > 0.05, "p_drop"].isna().all()  # the drop-one check runs where it can matter
     planted = q[(q["model"] == "llava") & (q["geometry"] == "recon_mse") & (q["instability"] == "bertscore_instability")]
     assert planted["verdict"].item() == "distinguishable" and planted["low"].item() > 0.5
+    assert planted["family"].item() == "circular"
+    confounded = q[(q["model"] == "qwen2_5vl") & (q["geometry"] == "knor_change") & (q["instability"] == "mask_instability")]
+    assert confounded["rho_raw"].item() > 0.8 and confounded["q_raw"].item() <= 0.05  # the count drives both ...
+    assert confounded["verdict"].item() == "not distinguishable"                     # ... and nothing else does
 
-    text = tables.question_text(q, MEASURES, 999, 200, k=10, alpha=0.05, min_changed=15)
+    text = tables.question_text(q, MEASURES, 999, 200, k=10, alpha=0.05)
     for _, row in q.iterrows():
-        section = text.split(f"## The {row['question']} question")[1].split("## The ")[0]
+        title = (f"## The {row['question']} question" if row["family"] == "finding" else "## Circular")
+        section = text.split(title)[1].split("\n## ")[0]
         line = next(li for li in section.split(f"### {row['model']}")[1].split("### ")[0].splitlines()
                     if li.startswith(f"- {row['geometry']} vs {row['instability']}: "))
-        assert line.endswith(row["verdict"]) and f"m = {row['m']}" in line
-    assert f"{int((q['verdict'] == 'distinguishable').sum())} of {len(q)} correlations are distinguishable" in text
+        assert line.endswith(f"**{row['verdict']}**") and f"m = {row['m']}" in line
+    findings = q[q["family"] == "finding"]
+    assert (f"**{int((findings['verdict'] == 'distinguishable').sum())} of {len(findings)}** correlations between "
+            "geometry and caption instability are distinguishable after adjustment") in text
 
 
 def test_actual_fraction_curves_drop_duplicate_levels_and_integrate_exactly():
@@ -299,10 +336,11 @@ def test_per_image_measures_from_upstream_tables_by_hand():
                          "truth_colours": [0, np.nan]}, index=idx)
     rec = pd.DataFrame({"clipscore": [0.4, 0.6], "stability_f1": [0.75, 1.0], "truth_kinds": [0, np.nan],
                         "truth_counts": [1, np.nan], "truth_colours": [0, np.nan]}, index=idx)
-    mask = pd.DataFrame({"fraction": [0.5, 0.5], "stability_f1": [0.5, 1.0]}, index=idx)
+    mask = pd.DataFrame({"fraction": [0.5, 0.5], "stability_f1": [0.5, 1.0], "relative_change": [0.3, 0.1]}, index=idx)
     m = tables.ModelInputs("m", knn, {}, None, recon.loc[["b", "a"]], {}, None, captions,
                            {"post": post, "recon": rec, "mask_0.5": mask}, None)
-    t = tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}})
+    covariates = pd.DataFrame({"food_count": [3, 1, 2], "plate": ["blue", "pink", "gray"]}, index=["c", "b", "a"])
+    t = tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}}, covariates)
     assert t["stem"].tolist() == ["a", "b"] and t["split"].tolist() == ["test", "train"]  # aligned by stem
     assert t["knor_change"].tolist() == pytest.approx([0.2, 0.8]) and t["distortion"].tolist() == [0.1, 0.3]
     assert t["recon_mse"].tolist() == [0.1, 0.3] and t["recon_cosine_loss"].tolist() == pytest.approx([0.4, 0.1])
@@ -313,9 +351,14 @@ def test_per_image_measures_from_upstream_tables_by_hand():
     assert t["attribute_error_change"].iloc[0] == 1.0 and math.isnan(t["attribute_error_change"].iloc[1])
     # mask: stability 0.5 at fraction 0.5 (a): mean of 1 - F1 over [0, 0.5] = (0 + 0.5) / 2
     assert t["mask_instability"].tolist() == pytest.approx([0.25, 0.0])
+    # the energy moved: 0.3 at fraction 0.5 (a), mean over [0, 0.5] of the line from 0 = 0.15
+    assert t["mask_dose"].tolist() == pytest.approx([0.15, 0.05])
+    assert t["food_count"].tolist() == [2, 1] and t["plate"].tolist() == ["gray", "pink"]  # by stem
+    with pytest.raises(ValueError, match="covariates covers"):
+        tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}}, covariates.loc[["c", "b"]])
     m.recon = recon.iloc[:1]
     with pytest.raises(ValueError, match="not the same ones"):
-        tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}})
+        tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}}, covariates)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # captions that never move

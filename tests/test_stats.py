@@ -1,6 +1,9 @@
 """The verdict machinery: the permutation p of Spearman's rho against scipy and a hand loop, BH q-values
 against scipy, the verdict rule, and the reason for all of it, a null simulation where only a few images
-change: the permutation test keeps its 5% level there, the percentile bootstrap's "excludes 0" does not."""
+change: the permutation test keeps its 5% level there, the percentile bootstrap's "excludes 0" does not.
+The adjustment: the within-strata rho, its stratified permutation test and the drop-one check against
+brute force, and a null simulation where a covariate drives both measures: the plain test rejects far
+too often, the stratified one keeps its level."""
 
 import functools
 import itertools
@@ -10,8 +13,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, false_discovery_control, permutation_test, rankdata, spearmanr
 
-from conngeo.report.stats import (bh_qvalues, changed_count, spearman, spearman_ci, spearman_permutation,
-                                  verdict_rule)
+from conngeo.report.stats import (bh_cutoff, bh_qvalues, changed_count, spearman, spearman_ci, spearman_permutation,
+                                  strata_ids, stratified_rho, verdict_rule, weakest_drop)
 
 
 def _rho(x, y, axis=-1):
@@ -143,7 +146,7 @@ def test_bh_qvalues_equal_scipy_with_nans_and_ties(seed):
     assert q.reshape(7, 12) == pytest.approx(bh_qvalues(p.reshape(7, 12)), nan_ok=True)  # shape kept
 
 
-# --- changed_count and verdict_rule ----------------------------------------------------------------
+# --- changed_count, bh_cutoff and verdict_rule ------------------------------------------------------
 
 def test_changed_count():
     assert changed_count([0, 0, 0.2, -0.1, np.nan, np.inf, 0.0, 3]) == 3  # 0.2, -0.1, 3
@@ -151,21 +154,114 @@ def test_changed_count():
     assert changed_count([]) == 0
 
 
-@pytest.mark.parametrize("q,m,expected", [
-    (0.01, 40, "distinguishable"),
-    (0.05, 15, "distinguishable"),             # both bounds inclusive
-    (0.051, 400, "not distinguishable"),
-    (0.0001, 14, "too few changed images"),    # checked first: a tiny q on 14 images decides nothing
-    (math.nan, 3, "too few changed images"),
-    (math.nan, 100, "undefined"),
+def test_bh_cutoff_is_the_largest_rejected_p():
+    # sorted .01 .03 .04 .5, q = .04 .0533 .0533 .5: at .05 BH rejects .01 only, at .06 the first three
+    assert bh_cutoff([0.01, 0.04, 0.03, 0.5], alpha=0.05) == 0.01
+    assert bh_cutoff([0.01, 0.04, 0.03, 0.5], alpha=0.06) == 0.04
+    assert bh_cutoff([0.5, 0.9, np.nan]) == -math.inf
+
+
+@pytest.mark.parametrize("q,stable,expected", [
+    (0.01, True, "distinguishable"),
+    (0.05, True, "distinguishable"),          # the bound is inclusive
+    (0.051, True, "not distinguishable"),
+    (0.0001, False, "rests on one image"),
+    (math.nan, True, "undefined"),
 ])
-def test_verdict_rule(q, m, expected):
-    assert verdict_rule(q, m) == expected
+def test_verdict_rule(q, stable, expected):
+    assert verdict_rule(q, stable) == expected
+    assert verdict_rule(0.08, True, alpha=0.1) == "distinguishable"
 
 
-def test_verdict_rule_thresholds_are_parameters():
-    assert verdict_rule(0.08, 10, alpha=0.1, min_changed=10) == "distinguishable"
-    assert verdict_rule(0.08, 10, alpha=0.05, min_changed=10) == "not distinguishable"
+# --- the adjustment ----------------------------------------------------------------------------------
+
+def _brute_rho(x, y, strata):
+    """Pooled within-stratum Spearman, written out with scipy's ranks."""
+    a, b = np.zeros(len(x)), np.zeros(len(x))
+    for s in np.unique(strata):
+        m = strata == s
+        a[m], b[m] = rankdata(x[m]) - (m.sum() + 1) / 2, rankdata(y[m]) - (m.sum() + 1) / 2
+    denom = math.sqrt((a @ a) * (b @ b))
+    return (a @ b) / denom if denom else math.nan
+
+
+def test_strata_ids():
+    assert strata_ids([[1, 2, 3, 1, 2, 3], ["a", "a", "b", "b", "a", None]]).tolist() == [0, 2, 4, 1, 2, 3]
+    assert strata_ids([np.arange(20.0)], bins=4).tolist() == [i // 5 for i in range(20)]  # quantile bins
+    assert strata_ids([[1.0, 2.0, np.nan, 2.0]]).tolist() == [1, 2, 0, 2]                  # missing: a level
+    assert len(set(strata_ids([np.arange(9.0)], max_levels=8, bins=3).tolist())) == 3
+    assert len(set(strata_ids([np.arange(8.0)], max_levels=8, bins=3).tolist())) == 8     # few values: kept
+
+
+def test_stratified_rho_is_spearman_within_strata():
+    rng = np.random.default_rng(0)
+    x, y, s = rng.normal(size=60), np.round(rng.normal(size=60), 1), rng.integers(0, 4, size=60)
+    y[rng.choice(60, 20, replace=False)] = 0
+    assert stratified_rho(x, y, np.zeros(60)) == pytest.approx(spearmanr(x, y).statistic, rel=1e-12)
+    assert stratified_rho(x, y, s) == pytest.approx(_brute_rho(x, y, s), rel=1e-12)
+    assert math.isnan(stratified_rho(x, y, np.arange(60)))  # every stratum one image: nothing to compare
+
+
+def test_stratified_exact_p_equals_a_hand_loop_over_within_strata_permutations():
+    x = np.array([1.0, 2, 3, 4, 5, 6, 7, 8])
+    y = np.array([0.0, 1, 0, 2, 3, 1, 5, 5])
+    s = np.array([0, 0, 0, 1, 1, 1, 1, 2])  # stratum 2 has one image: it cannot move
+    out = spearman_permutation(x, y, n_perm=10_000, strata=s)
+    observed = _brute_rho(x, y, s)
+    stats = []
+    for p0 in itertools.permutations([0, 1, 2]):
+        for p1 in itertools.permutations([3, 4, 5, 6]):
+            idx = np.arange(8)
+            idx[:3], idx[3:7] = p0, p1
+            stats.append(_brute_rho(x, y[idx], s))
+    assert out["exact"] and out["n_perm"] == 144 and out["rho"] == pytest.approx(observed)
+    assert out["p"] == np.mean(np.abs(stats) >= abs(observed) - 1e-12)
+
+
+def test_stratified_monte_carlo_p_agrees_with_a_hand_loop():
+    rng = np.random.default_rng(7)
+    n = 90
+    s = rng.integers(0, 3, size=n)
+    x = s + rng.normal(size=n)
+    y = np.where(rng.uniform(size=n) < 0.6, 0.0, np.round(s + 0.3 * x + rng.normal(size=n), 1))
+    out = spearman_permutation(x, y, n_perm=4999, seed=1, strata=s)
+    observed, hand, count = _brute_rho(x, y, s), np.random.default_rng(99), 0
+    for _ in range(4999):
+        shuffled = y.copy()
+        for k in range(3):
+            shuffled[s == k] = hand.permutation(y[s == k])
+        count += abs(_brute_rho(x, shuffled, s)) >= abs(observed) - 1e-12
+    ref = (1 + count) / 5000
+    assert 0.005 < out["p"] < 0.9
+    assert abs(out["p"] - ref) <= 4 * math.sqrt(2 * ref * (1 - ref) / 4999)
+
+
+@pytest.mark.parametrize("ties,strata", [(False, False), (True, False), (True, True)])
+def test_weakest_drop_is_the_changed_image_whose_removal_weakens_rho_most(ties, strata):
+    rng = np.random.default_rng(3)
+    n = 40
+    x = rng.normal(size=n)
+    y = 0.5 * x + rng.normal(size=n)
+    y[rng.choice(n, 15, replace=False)] = 0
+    if ties:
+        x, y = np.round(x), np.round(y)
+    s = rng.integers(0, 3, size=n) if strata else np.zeros(n, dtype=int)
+    rho = _brute_rho(x, y, s)
+    drops = {i: np.sign(rho) * _brute_rho(np.delete(x, i), np.delete(y, i), np.delete(s, i))
+             for i in np.flatnonzero(y != 0)}
+    got = weakest_drop(x, y, s if strata else None)
+    assert y[got] != 0
+    assert drops[got] == pytest.approx(min(drops.values()), abs=1e-12)
+
+
+def test_stratified_interval_is_reproducible_and_one_stratum_is_the_plain_bootstrap():
+    rng = np.random.default_rng(5)
+    x, y, s = rng.normal(size=80), rng.normal(size=80), rng.integers(0, 3, size=80)
+    a = spearman_ci(x, y, n_boot=300, seed=2, strata=s)
+    assert a == spearman_ci(x, y, n_boot=300, seed=2, strata=s)
+    assert a["low"] <= a["rho"] <= a["high"] and a["rho"] == pytest.approx(stratified_rho(x, y, s))
+    plain, one = spearman_ci(x, y, n_boot=300, seed=2), spearman_ci(x, y, n_boot=300, seed=2, strata=np.zeros(80))
+    assert (one["low"], one["high"]) == pytest.approx((plain["low"], plain["high"]), rel=1e-12)
 
 
 # --- the point: the null with only a few changed images -------------------------------------------
@@ -214,3 +310,27 @@ def test_bootstrap_interval_excludes_zero_too_often_with_five_changed_images():
     # often wrong" each disagreement is a fair coin; far more of them go the bootstrap's way than a coin gives
     only_boot, only_perm = int((boot & ~perm).sum()), int((perm & ~boot).sum())
     assert binomtest(only_boot, only_boot + only_perm, 0.5, alternative="greater").pvalue < 1e-3
+
+
+# --- the point of the adjustment: a covariate that drives both measures -----------------------------
+
+@functools.lru_cache(maxsize=None)
+def _confounded_rejects() -> tuple[np.ndarray, np.ndarray]:
+    """R datasets where the number of foods on the plate (1-6) drives a geometry change and an instability,
+    and neither acts on the other: rejections at ALPHA of the plain and of the stratified permutation test."""
+    rng = np.random.default_rng(2024)
+    plain, adjusted = [], []
+    for i in range(R):
+        count = rng.integers(1, 7, size=N_IMAGES)
+        x = 0.8 * count + rng.normal(size=N_IMAGES)                    # geometry change grows with the count
+        y = np.where(rng.uniform(size=N_IMAGES) < 0.5, 0.0,           # half the captions never move
+                     np.round(np.maximum(0, 0.8 * count + rng.normal(size=N_IMAGES)), 1))
+        plain.append(spearman_permutation(x, y, n_perm=N_PERM, seed=i)["p"] <= ALPHA)
+        adjusted.append(spearman_permutation(x, y, n_perm=N_PERM, seed=i, strata=strata_ids([count]))["p"] <= ALPHA)
+    return np.array(plain), np.array(adjusted)
+
+
+def test_under_a_confounded_null_the_plain_test_rejects_and_the_stratified_one_keeps_its_level():
+    plain, adjusted = _confounded_rejects()
+    assert plain.mean() > 0.9  # the plain test finds the covariate's association nearly every time
+    assert abs(adjusted.mean() - ALPHA) <= TOL, f"{adjusted.mean():.3f} of confounded null datasets p <= {ALPHA}"

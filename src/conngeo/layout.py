@@ -15,6 +15,7 @@ layout such as sample/.
     data/captions/<model>       post and recon captions (captions)
     data/perturb/<model>        captions of perturbed E_post, <mode>/<level>/captions.csv (perturb)
     data/scores/<model>         scores of every caption set (score)
+    data/covariates.csv         what each study image shows, for the adjusted tests (covariates)
     metrics/<stage>/<name>.json each stage's detailed numbers (outputs; the DVC metrics are results/metrics)
     dvclive/<stage>/<name>      training curves (plots)
 """
@@ -30,6 +31,11 @@ def data(kind: str, name: str, root: Path | str = ".") -> Path:
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; one of {KINDS}")
     return Path(root) / "data" / kind / name
+
+
+def covariates(root: Path | str = ".") -> Path:
+    """The study images' content covariates (one table for every model)."""
+    return Path(root) / "data" / "covariates.csv"
 
 
 def details(stage: str, name: str, root: Path | str = ".") -> Path:

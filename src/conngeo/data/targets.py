@@ -17,6 +17,16 @@ An image root may carry the truth about its images:
                 objects          how many object instances there are in all
 
 A root with neither file has no targets (the probes are skipped and the report says so).
+
+`content_covariates` reads the same files for what each image shows, the covariates the report's
+adjusted tests stratify by (what an image shows can drive both a geometry change and an instability):
+
+    toy world   food_count       foods on the plate (1-6)
+                kinds            food kinds (1-2)
+                plate            the plate's colour
+    COCO        objects          object instances in all (objects.csv)
+                categories       categories with at least one instance
+    any root    reference_words  mean words per reference caption (<stem>.txt; empty where it has none)
 """
 
 from __future__ import annotations
@@ -58,3 +68,25 @@ def probe_targets(root, stems: list[str], top: int = 10) -> dict[str, tuple[str,
         targets["objects"] = ("number", [sum(int(r[c]) for c in names) for r in rows])
         return targets
     return {}
+
+
+def content_covariates(root, items) -> dict[str, list]:
+    """What each of `items` (conngeo.data.images.Item: stem and references) shows, in their order: column ->
+    values, stem first (module docstring). Counts are ints, the plate a string, reference_words a float or
+    None for an image without references."""
+    root = Path(root)
+    stems = [it.stem for it in items]
+    out: dict[str, list] = {"stem": stems}
+    if (root / TOY).is_file():
+        rows = _rows(root / TOY, stems)
+        out["food_count"] = [int(r["count1"]) + int(r["count2"] or 0) for r in rows]
+        out["kinds"] = [1 + bool(r["kind2"]) for r in rows]
+        out["plate"] = [r["plate_colour"] for r in rows]
+    elif (root / OBJECTS).is_file():
+        rows = _rows(root / OBJECTS, stems)
+        names = [c for c in rows[0] if c != "stem"]
+        out["objects"] = [sum(int(r[c]) for c in names) for r in rows]
+        out["categories"] = [sum(int(r[c]) > 0 for c in names) for r in rows]
+    out["reference_words"] = [round(sum(len(t.split()) for t in it.references) / len(it.references), 4)
+                              if it.references else None for it in items]
+    return out

@@ -187,10 +187,11 @@ def patch_loss(table: pd.DataFrame, path: Path) -> None:
 
 
 def question_heatmap(q: pd.DataFrame, path: Path, title: str) -> None:
-    """Spearman rho of each geometry measure (rows) with each instability measure (columns), one panel
-    per model; each cell shows rho, its bootstrap interval and the verdict: bold where distinguishable
-    (permutation test, BH q), "m < min" where too few images changed (q: model, geometry, instability, rho,
-    low, high, m, verdict). Diverging PuOr, fixed to [-1, 1]."""
+    """Adjusted Spearman rho of each geometry measure (rows) with each instability measure (columns), one
+    panel per model; each cell shows rho, its bootstrap interval and the verdict: bold where
+    distinguishable (stratified permutation test, BH q, drop-one check), "one image" where it rests on one
+    image; circular rows are labelled (q: model, family, geometry, instability, rho, low, high, verdict).
+    Diverging PuOr, fixed to [-1, 1]."""
     models = list(dict.fromkeys(q["model"]))
     geometry = list(dict.fromkeys(q["geometry"]))
     instability = list(dict.fromkeys(q["instability"]))
@@ -212,20 +213,22 @@ def question_heatmap(q: pd.DataFrame, path: Path, title: str) -> None:
                     text = "n/a"
                 else:
                     text = f"{r['rho']:+.2f}\n[{r['low']:+.2f}, {r['high']:+.2f}]"
-                    if r["verdict"] == "too few changed images":
-                        text += f"\nm = {r['m']}"
+                    if r["verdict"] == "rests on one image":
+                        text += "\none image"
                 ax.text(b, a, text, ha="center", va="center", fontsize=6.5,
                         color="white" if abs(r["rho"]) > 0.6 else "black",  # legible on the dark ends
                         fontweight="bold" if r["verdict"] == "distinguishable" else "normal")
         ax.set_xticks(range(len(instability)), [c.replace("_", "\n") for c in instability], fontsize=7)
-        ax.set_yticks(range(len(geometry)), geometry if i % cols == 0 else [""] * len(geometry), fontsize=7)
+        circular = set(q.loc[q["family"] == "circular", "geometry"])
+        labels = [f"{g} (circular)" if g in circular else g for g in geometry]
+        ax.set_yticks(range(len(geometry)), labels if i % cols == 0 else [""] * len(geometry), fontsize=7)
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("caption instability", fontsize=8)
         if i % cols == 0:
             ax.set_ylabel("geometry change", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="Spearman rho (per image)")
-    fig.suptitle(f"{title}: rho [95% bootstrap CI]; bold: distinguishable (permutation test, BH q <= 0.05); "
-                 "m: too few changed images", fontsize=9)
+    fig.suptitle(f"{title}: rho adjusted for what the image shows [95% stratified bootstrap CI]; bold: "
+                 "distinguishable (stratified permutation test, BH q <= 0.05, no single image carries it)", fontsize=9)
     _save(fig, path)
 
 

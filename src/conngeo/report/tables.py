@@ -44,11 +44,12 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
-from .stats import bh_qvalues, changed_count, spearman_ci, spearman_permutation, verdict_rule
+from .stats import (bh_cutoff, bh_qvalues, changed_count, spearman_ci, spearman_permutation, strata_ids,
+                    verdict_rule, weakest_drop)
 
 QUESTIONS = {"reconstruction": "test", "perturbation": None}  # question -> the split it is asked on (None: all)
 TRUTH_ATTRIBUTES = ("truth_kinds", "truth_counts", "truth_colours")
-MIN_CHANGED = 15  # below this many images whose instability is not zero, no verdict (report.min_changed)
+FAMILIES = ("finding", "circular")  # a circular correlation never counts as a finding (Measure.circular)
 
 
 @dataclass
@@ -165,6 +166,15 @@ def image_instability(m: ModelInputs, mode: str, levels: list, upto: float) -> p
     return pd.Series([area_drop(f, s, upto) for f, s in curves], index=fractions.index)
 
 
+def image_dose(m: ModelInputs, mode: str, levels: list, upto: float) -> pd.Series:
+    """Per image: the mean over the actual fraction [0, upto] of the share of E_post's energy the
+    perturbation moved (relative_change = ||E_post - perturbed||^2 / ||E_post||^2, 0 at fraction 0).
+    The fraction counts tokens or directions; how much of the image's E_post they carry differs per image."""
+    fractions, change = perturbation_frame(m, mode, levels, "relative_change")
+    curves = fraction_curves(fractions, change.loc[fractions.index, fractions.columns], 0.0)
+    return pd.Series([-area_drop(f, s, upto) for f, s in curves], index=fractions.index)
+
+
 def common_fraction(data: dict[str, ModelInputs], mode: str, levels: list, cap: float) -> float:
     """The largest actual fraction every image of every model reaches in `mode`, at most `cap`: where
     models (and connectors) are compared at matched fractions."""
@@ -206,11 +216,15 @@ def sensitivity(curve: pd.DataFrame, score: str, upto: float) -> float:
 class Measure:
     """One per-image measure: everything the report needs to know of it."""
     name: str
-    kind: str                               # "geometry" (larger = more change) | "instability" (larger = less stable)
+    kind: str                               # "geometry" (larger = more change) | "instability" (larger = less
+                                            # stable) | "dose" (how strongly an image was perturbed)
     questions: tuple[str, ...]              # the questions it enters (QUESTIONS)
     description: str
     unit: str
     compute: Callable[["ModelInputs", dict], pd.Series]   # (model inputs, context) -> per image, by stem
+    circular: bool = False                  # a reconstruction's own error: against the instability of the
+                                            # caption made from that reconstruction it is a cause, not a finding
+    adjust_for: tuple[str, ...] = ()        # measures (doses) its correlations are stratified by, besides content
 
 
 def measures(modes: list, levels: list) -> list[Measure]:
@@ -226,12 +240,13 @@ def measures(modes: list, levels: list) -> list[Measure]:
                 "nearest E_pre neighbours of log(post distance / pre distance)", "log ratio",
                 lambda m, c: m.knn[f"distortion@{c['k']}"]),
         Measure("recon_mse", "geometry", ("reconstruction",), "reconstruction MSE of E_pre from E_post", "z-units²",
-                lambda m, c: m.recon["mse_z"]),
+                lambda m, c: m.recon["mse_z"], circular=True),
         Measure("lm_error", "geometry", ("reconstruction",), "MSE of connector(reconstructed E_pre) against E_post: the "
                 "error that reaches the language model", "z-units² of E_post",
-                lambda m, c: m.captions["recon_post_mse_z"]),
+                lambda m, c: m.captions["recon_post_mse_z"], circular=True),
         Measure("recon_cosine_loss", "geometry", ("reconstruction",),
-                "1 - cosine(reconstructed E_pre, E_pre), mean over tokens", "1 - cos", lambda m, c: 1.0 - m.recon["cosine"]),
+                "1 - cosine(reconstructed E_pre, E_pre), mean over tokens", "1 - cos", lambda m, c: 1.0 - m.recon["cosine"],
+                circular=True),
         Measure("bertscore_instability", "instability", ("reconstruction",),
                 "1 - BERTScore F1 of the recon caption against the post caption", "1 - F1",
                 lambda m, c: 1.0 - m.scores["recon"]["stability_f1"]),
@@ -247,23 +262,31 @@ def measures(modes: list, levels: list) -> list[Measure]:
         table.append(Measure(f"{mode}_instability", "instability", ("perturbation",),
                              f"mean over the actual {mode} fraction [0, F] of 1 - BERTScore F1 against the post caption "
                              "(F: the largest fraction every model reaches)", "1 - F1",
-                             lambda m, c, mode=mode: image_instability(m, mode, levels, c["fractions"][mode])))
+                             lambda m, c, mode=mode: image_instability(m, mode, levels, c["fractions"][mode]),
+                             adjust_for=(f"{mode}_dose",)))
+        table.append(Measure(f"{mode}_dose", "dose", ("perturbation",),
+                             f"mean over the same fraction [0, F] of the share of E_post's energy {mode} moved", "share",
+                             lambda m, c, mode=mode: image_dose(m, mode, levels, c["fractions"][mode])))
     return table
 
 
-def per_image(m: ModelInputs, table: list[Measure], context: dict) -> pd.DataFrame:
-    """One row per image, in the knn table's order: stem, split, every measure, plus erank_post and the
-    post caption's clipscore (for the effective-rank figure). Every input must cover the same images: a
-    mismatch means a stale upstream output, and no image is dropped silently."""
+def per_image(m: ModelInputs, table: list[Measure], context: dict, covariates: pd.DataFrame) -> pd.DataFrame:
+    """One row per image, in the knn table's order: stem, split, every measure, the content covariates
+    (`covariates`, by stem: what the image shows), plus erank_post and the post caption's clipscore (for
+    the effective-rank figure). Every input must cover the same images: a mismatch means a stale upstream
+    output, and no image is dropped silently."""
     stems = list(m.knn.index)
-    frames = {"recon_eval": m.recon, "captions": m.captions, **{f"scores {s}": t for s, t in m.scores.items()}}
+    frames = {"recon_eval": m.recon, "captions": m.captions, "covariates": covariates,
+              **{f"scores {s}": t for s, t in m.scores.items()}}
     for name, frame in frames.items():
-        if set(frame.index) != set(stems):
+        if not set(stems) <= set(frame.index) or (name != "covariates" and len(frame) != len(stems)):
             raise ValueError(f"{m.name}: {name} covers {len(frame)} images, knn {len(stems)}, not the same ones; "
                              "rerun the stale upstream stages (`dvc repro`)")
     out = pd.DataFrame({"stem": stems, "split": m.recon.loc[stems, "split"].to_numpy()})
     for measure in table:
         out[measure.name] = pd.to_numeric(measure.compute(m, context).reindex(stems), errors="coerce").to_numpy()
+    for name in covariates.columns:
+        out[name] = covariates.loc[stems, name].to_numpy()
     out["erank_post"] = m.knn.loc[stems, "erank_post"].to_numpy()
     out["clipscore_post"] = m.scores["post"].loc[stems, "clipscore"].to_numpy()
     return out
@@ -271,74 +294,128 @@ def per_image(m: ModelInputs, table: list[Measure], context: dict) -> pd.DataFra
 
 # -- the questions ------------------------------------------------------------------------------------------
 
-def question(tables: dict[str, pd.DataFrame], table: list[Measure], n_perm: int, n_boot: int, seed: int,
-             alpha: float = 0.05, min_changed: int = MIN_CHANGED) -> pd.DataFrame:
-    """Every (question, model, geometry, instability) correlation over the question's images: Spearman rho,
-    its permutation p-value, m (images whose instability is not zero), a percentile bootstrap interval (a
-    description only), then Benjamini-Hochberg q-values over the whole family and the verdict
-    (stats.verdict_rule: "too few changed images" below `min_changed`, else q <= alpha)."""
-    cells = []  # (row, x, y) of every correlation
+def question(tables: dict[str, pd.DataFrame], table: list[Measure], covariates: list[str], n_perm: int, n_boot: int,
+             seed: int, alpha: float = 0.05, max_levels: int = 8, bins: int = 4) -> pd.DataFrame:
+    """Every (question, model, geometry, instability) correlation over the question's images, raw and adjusted.
+
+    raw       Spearman rho_raw and its permutation p_raw, q_raw (BH within the family);
+    adjusted  strata of the content `covariates` (columns of the per-image tables) and of the instability's
+              own `adjust_for` doses (stats.strata_ids with max_levels, bins): the within-strata rho, its
+              stratified permutation p, q (BH within the family) and a stratified bootstrap interval (a
+              description only); `strata`: strata of two or more images;
+    m         images whose instability is not zero (the evidence);
+    p_drop    the adjusted p without the changed image whose removal weakens rho most (stats.weakest_drop),
+              for the rows with q <= alpha;
+    verdict   stats.verdict_rule on q and on p_drop <= the family's BH cutoff.
+
+    Families: a circular row (a reconstruction's error against the instability of the caption made from it,
+    Measure.circular) is a family of its own, never counted among the findings.
+    """
+    by_name = {x.name: x for x in table}
+    cells = []  # (row, x, y, strata) of every correlation, over its finite pairs
     for name, split in QUESTIONS.items():
-        geometry = [x.name for x in table if x.kind == "geometry" and name in x.questions]
-        instability = [x.name for x in table if x.kind == "instability" and name in x.questions]
+        geometry = [x for x in table if x.kind == "geometry" and name in x.questions]
+        instability = [x for x in table if x.kind == "instability" and name in x.questions]
         for model, t in tables.items():
             if split is not None:
                 t = t[t["split"] == split]
             for g in geometry:
                 for c in instability:
-                    x, y = t[g].to_numpy(float), t[c].to_numpy(float)
+                    x, y = t[g.name].to_numpy(float), t[c.name].to_numpy(float)
+                    strata = strata_ids([t[v].to_numpy() for v in covariates]
+                                        + [t[d].to_numpy(float) for d in c.adjust_for], max_levels, bins)
                     keep = np.isfinite(x) & np.isfinite(y)
-                    cells.append(({"question": name, "split": split or "all", "model": model, "geometry": g,
-                                   "instability": c, "m": changed_count(y[keep])}, x, y))
+                    if not len(strata):
+                        strata = np.zeros(len(x), dtype=np.int64)
+                    row = {"question": name, "family": "circular" if g.circular else "finding", "split": split or "all",
+                           "model": model, "geometry": g.name, "instability": c.name,
+                           "adjusted_for": " ".join([*covariates, *c.adjust_for]), "m": changed_count(y[keep])}
+                    cells.append((row, x[keep], y[keep], strata[keep]))
     # each correlation draws from its own seeded generator, so the processes change nothing but the wall time
     with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(cells)))) as pool:
-        tests = list(pool.map(_correlation_tests, [(x, y, n_perm, n_boot, seed) for _, x, y in cells], chunksize=4))
-    rows = [{**row, "n": perm["n"], "rho": perm["rho"], "p": perm["p"], "low": boot["low"], "high": boot["high"]}
-            for (row, _, _), (perm, boot) in zip(cells, tests)]
-    q = pd.DataFrame(rows, columns=["question", "split", "model", "geometry", "instability", "n", "m", "rho", "p",
-                                    "low", "high"])
-    q["q"] = bh_qvalues(q["p"].to_numpy(float))
-    q["verdict"] = [verdict_rule(a, b, alpha, min_changed) for a, b in zip(q["q"], q["m"])]
-    return q
+        tests = list(pool.map(_correlation_tests, [(x, y, s, n_perm, n_boot, seed) for _, x, y, s in cells], chunksize=4))
+        q = pd.DataFrame([{**row, **test} for (row, *_), test in zip(cells, tests)],
+                         columns=["question", "family", "split", "model", "geometry", "instability", "adjusted_for",
+                                  "n", "m", "strata", "rho_raw", "p_raw", "rho", "p", "low", "high"])
+        q["q_raw"], q["q"], q["p_drop"] = np.nan, np.nan, np.nan
+        for family in FAMILIES:
+            rows = q["family"] == family
+            q.loc[rows, "q_raw"] = bh_qvalues(q.loc[rows, "p_raw"].to_numpy(float))
+            q.loc[rows, "q"] = bh_qvalues(q.loc[rows, "p"].to_numpy(float))
+        found = np.flatnonzero(q["q"].to_numpy(float) <= alpha)
+        drops = pool.map(_drop_test, [(*cells[i][1:], n_perm, seed) for i in found])
+        q.loc[q.index[found], "p_drop"] = list(drops)
+    cutoff = {f: bh_cutoff(q.loc[q["family"] == f, "p"].to_numpy(float), alpha) for f in FAMILIES}
+    stable = [p_drop <= cutoff[f] for p_drop, f in zip(q["p_drop"], q["family"])]
+    q["verdict"] = [verdict_rule(a, b, alpha) for a, b in zip(q["q"], stable)]
+    return q[["question", "family", "split", "model", "geometry", "instability", "adjusted_for", "n", "m", "strata",
+              "rho_raw", "p_raw", "q_raw", "rho", "low", "high", "p", "q", "p_drop", "verdict"]]
 
 
-def _correlation_tests(args) -> tuple[dict, dict]:
-    x, y, n_perm, n_boot, seed = args
-    return spearman_permutation(x, y, n_perm=n_perm, seed=seed), spearman_ci(x, y, n_boot=n_boot, seed=seed)
+def _correlation_tests(args) -> dict:
+    x, y, strata, n_perm, n_boot, seed = args
+    raw = spearman_permutation(x, y, n_perm=n_perm, seed=seed)
+    adjusted = spearman_permutation(x, y, n_perm=n_perm, seed=seed, strata=strata)
+    boot = spearman_ci(x, y, n_boot=n_boot, seed=seed, strata=strata)
+    sizes = np.bincount(np.unique(strata, return_inverse=True)[1]) if len(strata) else np.zeros(0, dtype=int)
+    return {"n": raw["n"], "strata": int((sizes > 1).sum()), "rho_raw": raw["rho"], "p_raw": raw["p"],
+            "rho": adjusted["rho"], "p": adjusted["p"], "low": boot["low"], "high": boot["high"]}
+
+
+def _drop_test(args) -> float:
+    x, y, strata, n_perm, seed = args
+    i = weakest_drop(x, y, strata)
+    if i is None:
+        return math.nan
+    keep = np.arange(len(x)) != i
+    return spearman_permutation(x[keep], y[keep], n_perm=n_perm, seed=seed, strata=strata[keep])["p"]
 
 
 def verdict_line(row) -> str:
     """One sentence on one correlation, never without its m, p, q and interval."""
     if math.isnan(row["rho"]):
-        return f"rho undefined (a measure is constant over these images), n = {row['n']}, m = {row['m']}: {row['verdict']}"
-    return (f"rho {row['rho']:+.3f}, 95% bootstrap CI [{row['low']:+.3f}, {row['high']:+.3f}], permutation p = "
-            f"{row['p']:.2g}, q = {row['q']:.2g}, n = {row['n']}, m = {row['m']}: {row['verdict']}")
+        return f"rho undefined (a measure is constant within every stratum), n = {row['n']}, m = {row['m']}: **{row['verdict']}**"
+    drop = "" if math.isnan(row["p_drop"]) else f", p without the weakest changed image = {row['p_drop']:.2g}"
+    return (f"adjusted rho {row['rho']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}], p = {row['p']:.2g}, "
+            f"q = {row['q']:.2g}{drop} (raw rho {row['rho_raw']:+.3f}, q = {row['q_raw']:.2g}); n = {row['n']}, "
+            f"m = {row['m']}, {row['strata']} strata: **{row['verdict']}**")
 
 
-def question_text(q: pd.DataFrame, table: list[Measure], n_perm: int, n_boot: int, k: int, alpha: float,
-                  min_changed: int) -> str:
-    """The generated answers: per question and model, every correlation with its verdict."""
-    found = q[q["verdict"] == "distinguishable"]
+def question_text(q: pd.DataFrame, table: list[Measure], n_perm: int, n_boot: int, k: int, alpha: float) -> str:
+    """The generated answers: per question and model, every correlation with its verdict; circular rows apart."""
+    findings, circular = q[q["family"] == "finding"], q[q["family"] == "circular"]
+    found = findings[findings["verdict"] == "distinguishable"]
+    adjusted = sorted({v for a in q["adjusted_for"] for v in a.split()})
     lines = ["# Does geometry change predict caption instability?", "",
-             "Spearman rank correlation per image. Verdict: a permutation test of rho "
-             f"({n_perm} permutations, ties kept), Benjamini-Hochberg q-values over all {len(q)} correlations below, "
-             f"*distinguishable* where q <= {alpha}; where fewer than {min_changed} images have a nonzero instability "
-             "measure (m), *too few changed images*, whatever the test says. The 95% percentile bootstrap intervals "
-             f"({n_boot} resamples) describe, they do not decide. Positive rho: images whose representation changes "
-             f"more get less stable captions. KNOR and distortion at k = {k}.", "",
-             f"{len(found)} of {len(q)} correlations are distinguishable "
-             f"({int((q['verdict'] == 'too few changed images').sum())} have too few changed images, "
-             f"{int((q['verdict'] == 'undefined').sum())} are undefined).", ""]
-    intro = {"reconstruction": "Geometry change, the reconstruction errors included, against the instability of the "
-                               "caption generated from connector(reconstructed E_pre), on the test images. The "
-                               "reconstruction errors cause that instability mechanically; lm_error is the part "
-                               "that reaches the language model.",
+             "Spearman rank correlation per image, raw and adjusted. Adjusted: ranks compared only within strata of "
+             f"what the image shows and, under perturbation, of how much of E_post the perturbation moved "
+             f"({', '.join(adjusted) or 'no covariates'}); the verdict is the adjusted one: a permutation test within "
+             f"strata ({n_perm} permutations), Benjamini-Hochberg q-values within each family below, "
+             f"*distinguishable* where q <= {alpha} and the test without the one changed image whose removal weakens "
+             f"rho most still passes BH's cutoff (*rests on one image* where it does not). m: images whose "
+             f"instability moved. The 95% stratified bootstrap intervals ({n_boot} resamples) describe, they do not "
+             f"decide. Positive rho: images whose representation changes more get less stable captions. KNOR and "
+             f"distortion at k = {k}.", "",
+             f"**{len(found)} of {len(findings)}** correlations between geometry and caption instability are "
+             f"distinguishable after adjustment ({int((findings['verdict'] == 'rests on one image').sum())} rest on one "
+             f"image, {int((findings['verdict'] == 'undefined').sum())} are undefined). The {len(circular)} circular "
+             "correlations (a reconstruction's error against the instability of the caption made from that very "
+             f"reconstruction: a cause, not a finding) are listed apart, {int((circular['verdict'] == 'distinguishable').sum())} "
+             "of them distinguishable.", ""]
+    intro = {"reconstruction": "Geometry change against the instability of the caption generated from "
+                               "connector(reconstructed E_pre), on the test images.",
              "perturbation": "Geometry change with no reconstructor involved against how unstable the image's caption "
                              "is under masking and low-rank truncation of E_post (area over the actual fraction), "
                              "on all images."}
-    for name in QUESTIONS:
-        rows = q[q["question"] == name]
-        lines += [f"## The {name} question", "", intro[name], ""]
+    sections = [(f"The {name} question", q[(q["question"] == name) & (q["family"] == "finding")], intro[name])
+                for name in QUESTIONS]
+    sections.append(("Circular: a reconstruction's error against the caption made from it", circular,
+                     "The reconstruction errors cause the recon caption's instability mechanically; lm_error is the "
+                     "part that reaches the language model. Consistency checks, not findings about geometry."))
+    for title, rows, text in sections:
+        if rows.empty:
+            continue
+        lines += [f"## {title}", "", text, ""]
         for model, r in rows.groupby("model", sort=False):
             lines += [f"### {model}", "", f"{int((r['verdict'] == 'distinguishable').sum())} of {len(r)} distinguishable.",
                       ""]
