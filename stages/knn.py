@@ -78,11 +78,12 @@ def main(
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
 
     targets = probe_targets(params["data"]["root"], reader.stems)
-    probes = pd.DataFrame(probe_table({"pre": spaces["pre"], "post": spaces["post"]}, targets, seed=cfg["probe_seed"])
-                          if targets else [], columns=["space", "target", "kind", "metric", "score", "chance", "n"])
-    probes[["space", "target", "kind", "metric", "score", "chance", "n"]].to_csv(out / "probes.csv", index=False,
-                                                                                 float_format="%.6g")
-    summary["probes"] = {f"{r.space}:{r.target}": r.score for r in probes.itertuples()}
+    columns = ["space", "target", "kind", "seed", "metric", "score", "chance", "n"]
+    probes = pd.DataFrame(probe_table({"pre": spaces["pre"], "post": spaces["post"]}, targets, seeds=cfg["probe_seeds"])
+                          if targets else [], columns=columns)
+    probes[columns].to_csv(out / "probes.csv", index=False, float_format="%.6g")
+    means = probes.groupby(["space", "target"], sort=False)["score"].mean()  # over the fold seeds
+    summary["probes"] = {f"{space}:{target}": float(v) for (space, target), v in means.items()}
     summary["connector"] = reader.layout.get("connector")  # the kind the extraction recorded (for the report)
     metrics = metrics or layout.details("knn", model)
     write_json(metrics, summary)

@@ -58,10 +58,10 @@ def main(
     # how much of the ground truth this outside view carries (conngeo.data.targets), beside chance
     stems, emb = read_embeddings([out / shard for shard in folder.shards])
     targets = probe_targets(root, stems)
-    probes = pd.DataFrame(probe_table({space: emb}, targets, seed=params["knn"]["probe_seed"]) if targets else [],
-                          columns=["space", "target", "kind", "metric", "score", "chance", "n"])
-    probes[["space", "target", "kind", "metric", "score", "chance", "n"]].to_csv(out / "probes.csv", index=False,
-                                                                                 float_format="%.6g")
+    columns = ["space", "target", "kind", "seed", "metric", "score", "chance", "n"]
+    probes = pd.DataFrame(probe_table({space: emb}, targets, seeds=params["knn"]["probe_seeds"]) if targets else [],
+                          columns=columns)
+    probes[columns].to_csv(out / "probes.csv", index=False, float_format="%.6g")
     typer.echo(f"references: {space}: {written} images from {root} -> {out}; {len(targets)} probe targets")
 
 

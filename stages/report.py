@@ -62,8 +62,7 @@ def main(
                         alpha=cfg["alpha"], max_levels=cfg["strata_levels"], bins=cfg["strata_bins"])
     curves = tables.curves(data, modes, levels)
     probes = pd.concat([tables.probe_table(d, references) for d in data.values()], ignore_index=True)
-    summary = pd.DataFrame([tables.summary_row(d, curves, modes, fractions, probes[probes["model"] == d.name])
-                            for d in data.values()])
+    summary = pd.DataFrame([tables.summary_row(d, curves, modes, fractions, n_boot, cfg["seed"]) for d in data.values()])
     knor = pd.concat([tables.knor_table(d) for d in data.values()], ignore_index=True)
     means = pd.concat([tables.caption_means(d) for d in data.values()], ignore_index=True)
     images = pd.concat([t.assign(model=m) for m, t in per_image.items()], ignore_index=True)
@@ -90,10 +89,12 @@ def main(
                    "with it (KNOR against it above).\n\n" + tables.markdown(refs.reset_index()))
     (out / "summary.md").write_text(
         "# Summary per model\n\nKNOR on the dataset (chance k/(N-1) beside it), effective rank, reconstruction on the "
-        "test images against the mean, token-level linear and pooled ridge baselines (underfit: the learned "
-        "reconstructor does not beat the linear one), the error that reaches the language model (lm_error), linear "
-        "probes of the ground truth from E_pre and E_post (probe_loss = pre - post), caption scores of the post "
-        "caption (all images) and the recon caption (test images), perturbation sensitivity (mean drop of the score "
+        "test images against the mean, token-level linear and pooled ridge baselines (recon_linear_margin: linear - "
+        "learned z-MSE, mean over the test images with a 95% bootstrap interval; underfit where it lies below 0), the "
+        "error that reaches the language model (lm_error), readability of the ground truth by linear probes from E_pre "
+        "and E_post (balanced accuracy for classes, R² for counts, the mean over the fold seeds; drop = pre - post), "
+        "caption scores of the post caption (all images; _test: the test images) and the recon caption (test images), "
+        "perturbation sensitivity (mean drop of the score "
         f"over the actual fraction changed, up to {', '.join(f'{m} {f:.3g}' for m, f in fractions.items())}).\n\n"
         + tables.markdown(transposed) + refs_md)
     for row in summary.to_dict("records"):  # the DVC metrics: a dozen numbers per model

@@ -226,12 +226,15 @@ def test_connector_table_and_answer(tmp_path):
     assert rho.loc[("llava", "lowrank", "knor@50"), "rho"] == pytest.approx(1 - 6 * sum(x * x for x in d) / (4 * 15))
     assert rho.loc[("llava", "mask", "knor@50"), "n"] == 4
     assert math.isnan(rho.loc[("idefics2", "mask", "knor@50"), "rho"])  # 2 connectors: no correlation
+    # four connectors: even a perfect ordering has exact p = 2 / 4! (both directions), above the level
+    assert rho.loc[("llava", "mask", "knor@50"), "p"] == pytest.approx(2 / 24)
     text = connectors.answer(rho.reset_index())
-    assert "llava, mask: rho(knor@50, sensitivity) = -1.00 over 4 connectors: connectors that preserve geometry " \
-           "better give more stable captions" in text
-    assert "llava, mask: rho(recon_mse_z, sensitivity) = +1.00 over 4 connectors: connectors that preserve " \
-           "geometry better give more stable captions" in text
+    assert "llava, mask: rho(knor@50, sensitivity) = -1.00 over 4 connectors, exact p = 0.083: no association shown" in text
     assert "idefics2, mask: fewer than 3 connectors" in text
+    assert "give more stable captions" not in text
+    text = connectors.answer(rho.reset_index(), alpha=0.1)
+    assert "llava, mask: rho(recon_mse_z, sensitivity) = +1.00 over 4 connectors, exact p = 0.083: connectors that " \
+           "preserve geometry better give more stable captions" in text
 
     connectors.connector_figure(table, 50, ["mask", "lowrank"], tmp_path / "fig.png")
     first = (tmp_path / "fig.png").read_bytes()

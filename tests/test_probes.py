@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import Ridge, RidgeClassifier, RidgeCV
+from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
 from conngeo.geometry.probes import DEFAULT_ALPHAS, _fold_ids, _ridge_fit_predict, probe_accuracy, probe_r2, probe_table
@@ -47,10 +48,11 @@ def test_matches_sklearn_ridge_fixed_alpha(n, d, classes, alpha):
     score = x[:, 0] / x[:, 0].std() + r.standard_normal(n)
     labels = np.searchsorted(np.quantile(score, np.linspace(0, 1, classes + 1)[1:-1]), score)
     fold_ids = r.integers(0, 4, n)  # an explicit, unstratified split
-    accs = []
+    accs, held_out = [], np.empty(n, dtype=labels.dtype)
     for f in range(4):
         train, test = np.flatnonzero(fold_ids != f), np.flatnonzero(fold_ids == f)
         ref_pred, ref_scores = sklearn_fold(x, labels, train, test, alpha)
+        held_out[test] = ref_pred
         onehot = torch.tensor(labels[train, None] == np.unique(labels[train]), dtype=torch.float64)
         scores, chosen = _ridge_fit_predict(torch.tensor(x[train]), onehot, torch.tensor(x[test]), [alpha])
         assert chosen == alpha
@@ -59,6 +61,7 @@ def test_matches_sklearn_ridge_fixed_alpha(n, d, classes, alpha):
         accs.append(np.mean(ref_pred == labels[test]))
     out = probe_accuracy(x, labels, folds=fold_ids, alphas=[alpha])
     assert out["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+    assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, held_out), abs=1e-12)
     assert out["alpha"] == [alpha] * 4 and out["folds"] == 4 and out["n"] == n and out["classes"] == classes
 
 
@@ -114,6 +117,14 @@ def test_independent_labels_near_chance():
     se = np.sqrt(out["chance"] * (1 - out["chance"]) / 300)  # binomial standard error over N rows
     assert abs(out["accuracy"] - out["chance"]) < 4 * se
     assert out["accuracy"] < 0.5
+
+
+def test_balanced_accuracy_does_not_reward_the_majority_answer():
+    r = rng(15)
+    x, labels = r.standard_normal((400, 16)), (r.uniform(size=400) < 0.15).astype(int)  # a rare "present"
+    out = probe_accuracy(x, labels)
+    assert out["accuracy"] > 0.8                          # mostly "absent", right most of the time ...
+    assert abs(out["balanced_accuracy"] - 0.5) < 0.08     # ... and no better than 1/C where it matters
 
 
 def test_number_target():
@@ -191,14 +202,18 @@ def test_probe_table_rows():
     x, labels = separable(n=90, d=6, classes=3, seed=11)
     noise = rng(12).standard_normal((90, 5))
     counts = labels * 2.0 + 0.1 * rng(13).standard_normal(90)
-    rows = probe_table({"E_pre": x, "E_post": noise}, {"food": ("class", labels), "count": ("number", counts)}, folds=3)
-    assert [(r["space"], r["target"]) for r in rows] == [("E_pre", "food"), ("E_pre", "count"),
-                                                         ("E_post", "food"), ("E_post", "count")]
-    assert rows[0]["score"] == probe_accuracy(x, labels, folds=3)["accuracy"]
-    assert rows[0]["metric"] == "accuracy" and rows[0]["classes"] == 3 and rows[0]["mse"] is None
-    assert rows[1]["metric"] == "r2" and rows[1]["chance"] == 0.0 and rows[1]["classes"] is None
-    assert rows[1]["score"] == probe_r2(x, counts, folds=3)["r2"] > 0.9
-    assert rows[2]["score"] < 0.6 and rows[3]["score"] < 0.1
+    rows = probe_table({"E_pre": x, "E_post": noise}, {"food": ("class", labels), "count": ("number", counts)}, folds=3,
+                       seeds=(0, 1))
+    assert [(r["space"], r["target"], r["seed"]) for r in rows] == [
+        (space, target, seed) for space in ("E_pre", "E_post") for target in ("food", "count") for seed in (0, 1)]
+    food = probe_accuracy(x, labels, folds=3, seed=1)
+    assert rows[1]["score"] == food["balanced_accuracy"] and rows[1]["accuracy"] == food["accuracy"]
+    assert rows[0]["metric"] == "balanced_accuracy" and rows[0]["classes"] == 3 and rows[0]["mse"] is None
+    assert rows[0]["chance"] == pytest.approx(1 / 3)  # a predictor that ignores x
+    assert rows[2]["metric"] == "r2" and rows[2]["chance"] == 0.0 and rows[2]["classes"] is None
+    assert rows[2]["score"] == probe_r2(x, counts, folds=3)["r2"] > 0.9
+    assert rows[0]["score"] != rows[1]["score"] or rows[2]["score"] != rows[3]["score"]  # the split moves it
+    assert rows[4]["score"] < 0.6 and rows[6]["score"] < 0.1
     assert all(r["n"] == 90 and r["folds"] == 3 and r["alpha"] in DEFAULT_ALPHAS for r in rows)
     with pytest.raises(ValueError, match="target food: expected \\(kind, values\\)"):
         probe_table({"E_pre": x}, {"food": ("category", labels)})

@@ -213,17 +213,45 @@ def test_headline_picks_the_summary_numbers_and_leaves_out_the_undefined():
            "recon_underfit": np.bool_(False), "lm_error": 0.1, "post_caption_clipscore": 0.7,
            "post_caption_bertscore_f1": 0.8, "post_caption_truth_exact": math.nan, "recon_caption_stability_f1": 0.95,
            "sensitivity_mask_stability_f1": 0.02, "sensitivity_lowrank_stability_f1": 0.01,
-           "probe_loss_kinds": 0.1, "probe_loss_count": 0.3, "probe_pre_kinds": 0.9}
+           "readability_drop_kinds": 0.1, "readability_drop_count": 0.3, "readability_pre_kinds": 0.9}
     head = tables.headline(row, k=50, modes=["mask", "lowrank"])
     assert head == {"knor_pre_post": 0.4, "chance": 0.05, "erank_pre": 5.0, "erank_post": 3.0, "recon_mse_z": 0.2,
                     "recon_linear_mse_z": 0.3, "recon_mean_mse_z": 1.0, "recon_underfit": False, "lm_error": 0.1,
                     "post_clipscore": 0.7, "post_bertscore_f1": 0.8, "recon_stability_f1": 0.95,
-                    "sensitivity_mask": 0.02, "sensitivity_lowrank": 0.01, "probe_loss": pytest.approx(0.2)}
+                    "sensitivity_mask": 0.02, "sensitivity_lowrank": 0.01, "readability_drop_kinds": 0.1,
+                    "readability_drop_count": 0.3}  # each in its own metric, never averaged together
     assert type(head["recon_underfit"]) is bool and json.loads(json.dumps(head)) == head  # plain JSON for DVC
     # no linear baseline (its inputs exceed recon.linear_max_features): underfit is None, left out
     row.update(recon_underfit=None, recon_linear_mse_z=math.nan)
     head = tables.headline(row, k=50, modes=["mask", "lowrank"])
     assert "recon_underfit" not in head and "recon_linear_mse_z" not in head and head["recon_mse_z"] == 0.2
+
+
+def test_readability_by_hand():
+    probes = pd.DataFrame([{"space": space, "target": target, "kind": "class", "seed": seed, "metric": metric,
+                            "score": score, "chance": chance, "n": 10}
+                           for space, target, seed, metric, score, chance in [
+                               ("pre", "kind:apple", 0, "balanced_accuracy", 0.9, 0.5),
+                               ("pre", "kind:apple", 1, "balanced_accuracy", 0.8, 0.5),
+                               ("pre", "kind:egg", 0, "balanced_accuracy", 0.7, 0.5),
+                               ("pre", "kind:egg", 1, "balanced_accuracy", 0.7, 0.5),
+                               ("pre", "count", 0, "r2", 0.6, 0.0), ("pre", "count", 1, "r2", 0.4, 0.0),
+                               ("post", "kind:apple", 0, "balanced_accuracy", 0.5, 0.5),
+                               ("post", "kind:apple", 1, "balanced_accuracy", 0.6, 0.5),
+                               ("post", "kind:egg", 0, "balanced_accuracy", 0.7, 0.5),
+                               ("post", "kind:egg", 1, "balanced_accuracy", 0.9, 0.5),
+                               ("post", "count", 0, "r2", 0.7, 0.0), ("post", "count", 1, "r2", 0.5, 0.0)]])
+    m = tables.ModelInputs("m", None, {}, probes, None, {}, None, None, {}, None)
+    r = tables.readability(m)
+    # kinds per seed: pre (0.9 + 0.7) / 2 = 0.8 and 0.75, post 0.6 and 0.75, drop 0.2 and 0.0
+    assert r["readability_pre_kinds"] == pytest.approx(0.775) and r["readability_post_kinds"] == pytest.approx(0.675)
+    assert r["readability_drop_kinds"] == pytest.approx(0.1) and r["readability_drop_sd_kinds"] == pytest.approx(
+        np.std([0.2, 0.0], ddof=1))
+    assert r["readability_drop_count"] == pytest.approx(-0.1) and r["readability_chance_count"] == 0.0  # more readable
+    table = tables.probe_table(m, pd.DataFrame()).set_index("target")
+    assert table.loc["kind:apple", ["pre", "post", "drop"]].tolist() == pytest.approx([0.85, 0.55, 0.3])
+    assert table.loc["kind:apple", "drop_sd"] == pytest.approx(np.std([0.4, 0.2], ddof=1))
+    assert table.loc["count", "metric"] == "r2"
 
 
 def test_markdown_table():
@@ -240,7 +268,7 @@ def is_png(path: Path) -> bool:
 def test_every_figure_renders_from_fixture_tables(tmp_path):
     per = synthetic_tables()
     images = pd.concat([t.assign(model=m) for m, t in per.items()], ignore_index=True)
-    q = tables.question(per, MEASURES, n_perm=99, n_boot=50, seed=0)
+    q = tables.question(per, MEASURES, ["food_count"], n_perm=99, n_boot=50, seed=0)
     means = pd.DataFrame([{"model": m, "set": s, "score": sc, "mean": 0.5, "low": 0.4, "high": 0.6, "n": 10}
                           for m in per for s in ("post", "recon") for sc in ("clipscore", "bertscore_f1")])
     knor = pd.DataFrame([{"model": m, "pair": p, "k": k, "knor": 0.5, "chance": k / 59}
@@ -249,8 +277,9 @@ def test_every_figure_renders_from_fixture_tables(tmp_path):
                            for m in per for mode in ("mask", "lowrank") for f in (0.0, 0.25, 0.5)])
     patch = pd.DataFrame([{"model": m, "image": im, "row": r, "col": c, "mse_z": r + c}
                           for m in per for im in ("test_mean", "a") for r in range(3) for c in range(3)])
-    probes = pd.DataFrame([{"model": m, "target": t, "metric": "accuracy", "pre": 0.9, "post": 0.7, "loss": 0.2,
-                            "chance": 0.5, "clip": 0.8} for m in per for t in ("kind:apple", "plate")])
+    probes = pd.DataFrame([{"model": m, "target": t, "metric": "balanced_accuracy", "pre": 0.9, "pre_sd": 0.01,
+                            "post": 0.7, "post_sd": 0.02, "drop": 0.2, "drop_sd": 0.02, "chance": 0.5, "clip": 0.8}
+                           for m in per for t in ("kind:apple", "plate")])
     made = {
         "caption_scores": lambda p: figures.caption_scores(means, p),
         "score_vs_error": lambda p: figures.score_vs_error(images, p),

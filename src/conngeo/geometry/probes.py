@@ -57,36 +57,45 @@ def probe_accuracy(x, labels, folds=5, alphas: Sequence[float] = DEFAULT_ALPHAS,
                    name: str = "x", target: str = "labels") -> dict:
     """Cross-validated accuracy of a one-vs-rest ridge probe predicting `labels` [N] from x [N, d].
 
-        accuracy = mean_f (1/|T_f|) sum_{i in T_f} [argmax_c (z_i W_f + b_f)_c == label_i]
-        chance   = mean_f (1/|T_f|) sum_{i in T_f} [majority class of the training rows == label_i]
+        accuracy          = mean_f (1/|T_f|) sum_{i in T_f} [yhat_i == label_i]
+        balanced_accuracy = (1/C) sum_c (1/|{i : label_i = c}|) sum_{i : label_i = c} [yhat_i == c]
+        chance            = mean_f (1/|T_f|) sum_{i in T_f} [majority class of the training rows == label_i]
 
-    T_f the test rows of fold f, W_f and b_f fitted on the other rows as the module docstring says
-    (standardised on the training rows, alpha from the training rows' leave-one-out error). The
-    majority class breaks ties towards the first in sorted label order. `labels` may be ints, bools
-    or strings (float arrays only if every value is integral). `folds` is the number K of folds
+    yhat_i = argmax_c (z_i W_f + b_f)_c, the prediction of the fold f that holds row i as a test row, with
+    W_f and b_f fitted on the other rows as the module docstring says (standardised on the training rows,
+    alpha from the training rows' leave-one-out error); balanced accuracy pools every row's held-out
+    prediction (sklearn's balanced_accuracy_score of cross-validated predictions). A predictor that
+    ignores x scores 1/C balanced accuracy, whatever the class frequencies: with a rare class (a food
+    kind on 1 plate in 5) accuracy rewards always answering "absent", balanced accuracy does not. The
+    majority class breaks ties towards the first in sorted label order. `labels` may be ints, bools or
+    strings (float arrays only if every value is integral). `folds` is the number K of folds
     (2 <= K <= N) or an explicit [N] array of fold ids. `name` and `target` label the errors.
 
     One-vs-rest least squares can miss a class whose mean lies between two others on one line
     (the "masking" of regression for classes): probe ordered targets such as counts as numbers.
 
-    Returns {"accuracy", "chance", "folds", "n", "classes", "alpha"}: floats, the number of
-    folds, of rows, of distinct classes over all N rows, and the alpha chosen in each fold (list).
+    Returns {"accuracy", "balanced_accuracy", "chance", "folds", "n", "classes", "alpha"}: floats, the
+    number of folds, of rows, of distinct classes over all N rows, and the alpha chosen in each fold.
     """
     x = _features(x, name)
     codes, classes = _class_codes(labels, x.shape[0], name, target)
     fold_ids = _fold_ids(folds, x.shape[0], seed, codes, name, target)
     accs, chance, chosen = [], [], []
+    predicted = np.empty_like(codes)
     for train, test in _splits(fold_ids, name):
         tr_codes, uniq = codes[train], np.unique(codes[train])
         onehot = torch.from_numpy((tr_codes[:, None] == uniq[None, :]).astype(np.float64))
         scores, alpha = _ridge_fit_predict(x[train], onehot, x[test], alphas)
         pred = uniq[scores.argmax(dim=1).numpy()]
+        predicted[test.numpy()] = pred
         counts = np.bincount(tr_codes)
         accs.append(float(np.mean(pred == codes[test])))
         chance.append(float(np.mean(codes[test] == counts.argmax())))  # argmax: first of equals
         chosen.append(alpha)
-    return {"accuracy": float(np.mean(accs)), "chance": float(np.mean(chance)), "folds": len(accs),
-            "n": int(x.shape[0]), "classes": len(classes), "alpha": chosen}
+    recall = [float(np.mean(predicted[codes == c] == c)) for c in range(len(classes))]
+    return {"accuracy": float(np.mean(accs)), "balanced_accuracy": float(np.mean(recall)),
+            "chance": float(np.mean(chance)), "folds": len(accs), "n": int(x.shape[0]), "classes": len(classes),
+            "alpha": chosen}
 
 
 def probe_r2(x, values, folds=5, alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, *,
@@ -121,17 +130,19 @@ def probe_r2(x, values, folds=5, alphas: Sequence[float] = DEFAULT_ALPHAS, seed:
 
 
 def probe_table(spaces: Mapping[str, object], targets: Mapping[str, tuple[str, object]], *, folds=5,
-                alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0) -> list[dict]:
-    """Every target probed on every space: one row per (space, target), spaces outer.
+                alphas: Sequence[float] = DEFAULT_ALPHAS, seeds: Sequence[int] = (0,)) -> list[dict]:
+    """Every target probed on every space under every fold seed: one row per (space, target, seed), spaces
+    outer, seeds inner.
 
     spaces: name -> pooled vectors [N, d] (rows aligned across spaces and targets).
     targets: name -> (kind, values [N]) with kind "class" (probe_accuracy) or "number" (probe_r2).
+    seeds: the seeds of the fold split; how far a score moves with the split is its spread.
 
-    Each row: {"space", "target", "kind", "metric" ("accuracy" or "r2"), "score", "chance"
-    (majority-class accuracy; 0.0 for R^2, the R^2 of the training mean by definition), "n",
-    "folds", "classes" (None for numbers), "alpha" (the value chosen in most folds), "mse" and
-    "chance_mse" (None for classes)}. The folds depend only on N, the target and the seed, so every
-    space is scored on the same splits.
+    Each row: {"space", "target", "kind", "seed", "metric" ("balanced_accuracy" or "r2"), "score",
+    "chance" (1/C for balanced accuracy, what a predictor that ignores the vectors scores; 0.0 for R^2,
+    the R^2 of the training mean), "accuracy" (plain, None for numbers), "n", "folds", "classes" (None for
+    numbers), "alpha" (the value chosen in most folds), "mse" and "chance_mse" (None for classes)}. The
+    folds depend only on N, the target and the seed, so every space is scored on the same splits.
     """
     for tname, spec in targets.items():
         if not (isinstance(spec, tuple) and len(spec) == 2) or spec[0] not in TARGET_KINDS:
@@ -139,18 +150,19 @@ def probe_table(spaces: Mapping[str, object], targets: Mapping[str, tuple[str, o
     rows = []
     for sname, x in spaces.items():
         for tname, (kind, values) in targets.items():
-            kw = dict(folds=folds, alphas=alphas, seed=seed, name=sname, target=tname)
-            row = {"space": sname, "target": tname, "kind": kind}
-            if kind == "class":
-                r = probe_accuracy(x, values, **kw)
-                row.update(metric="accuracy", score=r["accuracy"], chance=r["chance"], classes=r["classes"],
-                           mse=None, chance_mse=None)
-            else:
-                r = probe_r2(x, values, **kw)
-                row.update(metric="r2", score=r["r2"], chance=0.0, classes=None, mse=r["mse"],
-                           chance_mse=r["chance_mse"])
-            row.update(n=r["n"], folds=r["folds"], alpha=Counter(r["alpha"]).most_common(1)[0][0])
-            rows.append(row)
+            for seed in seeds:
+                kw = dict(folds=folds, alphas=alphas, seed=seed, name=sname, target=tname)
+                row = {"space": sname, "target": tname, "kind": kind, "seed": seed}
+                if kind == "class":
+                    r = probe_accuracy(x, values, **kw)
+                    row.update(metric="balanced_accuracy", score=r["balanced_accuracy"], chance=1 / r["classes"],
+                               accuracy=r["accuracy"], classes=r["classes"], mse=None, chance_mse=None)
+                else:
+                    r = probe_r2(x, values, **kw)
+                    row.update(metric="r2", score=r["r2"], chance=0.0, accuracy=None, classes=None, mse=r["mse"],
+                               chance_mse=r["chance_mse"])
+                row.update(n=r["n"], folds=r["folds"], alpha=Counter(r["alpha"]).most_common(1)[0][0])
+                rows.append(row)
     return rows
 
 

@@ -233,19 +233,22 @@ def question_heatmap(q: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def probes(table: pd.DataFrame, path: Path) -> None:
-    """Linear-probe scores per target: E_pre and E_post of each model as bars, each reference space as a
-    marker, chance as a line (table: model, target, metric, pre, post, chance, <reference>...)."""
+    """Readability per target: the linear probes' scores from E_pre and E_post of each model as bars with their
+    spread over the fold seeds (1 sd), each reference space as a marker, chance as a line (table: tables.probe_table)."""
+    from .tables import PROBE_COLUMNS
+
     models = list(dict.fromkeys(table["model"]))
     targets = list(dict.fromkeys(table["target"]))
-    refs = [c for c in table.columns if c not in ("model", "target", "metric", "pre", "post", "loss", "chance")]
+    refs = [c for c in table.columns if c not in PROBE_COLUMNS]
     fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 0.55 * len(targets) + 2), 2.4 * len(models)),
                              squeeze=False, constrained_layout=True)
     x = np.arange(len(targets))
     for ax, model in zip(axes[:, 0], models):
         d = table[table["model"] == model].set_index("target").reindex(targets)
-        ax.bar(x - 0.2, d["pre"], width=0.4, color=OKABE_ITO[0], edgecolor="black", linewidth=0.5, label="E_pre")
-        ax.bar(x + 0.2, d["post"], width=0.4, color=OKABE_ITO[1], edgecolor="black", linewidth=0.5, hatch="//",
-               label="E_post")
+        ax.bar(x - 0.2, d["pre"], width=0.4, yerr=d["pre_sd"], color=OKABE_ITO[0], edgecolor="black", linewidth=0.5,
+               error_kw={"elinewidth": 0.8}, label="E_pre")
+        ax.bar(x + 0.2, d["post"], width=0.4, yerr=d["post_sd"], color=OKABE_ITO[1], edgecolor="black", linewidth=0.5,
+               hatch="//", error_kw={"elinewidth": 0.8}, label="E_post")
         ax.scatter(x, d["chance"], marker="_", s=300, color="black", label="chance", zorder=3)
         for j, ref in enumerate(refs):
             ax.scatter(x, d[ref], marker=MARKERS[(j + 1) % len(MARKERS)], s=18, color=OKABE_ITO[(j + 2) % 8],
@@ -254,6 +257,6 @@ def probes(table: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel(f"{model}\nheld-out score", fontsize=8)
         ax.set_ylim(min(0.0, float(np.nanmin(d[["pre", "post"]].to_numpy(float), initial=0.0))), 1.02)
     axes[0, 0].legend(fontsize=7, ncol=3)
-    fig.suptitle("What the connector keeps of the ground truth: linear probes (accuracy for classes, R² for counts), "
-                 "cross-validated", fontsize=9)
+    fig.suptitle("How readable the ground truth is: linear probes (balanced accuracy for classes, R² for counts), "
+                 "cross-validated, mean and sd over the fold seeds", fontsize=9)
     _save(fig, path)

@@ -437,38 +437,76 @@ def knor_table(m: ModelInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PROBE_COLUMNS = ["model", "target", "metric", "pre", "pre_sd", "post", "post_sd", "drop", "drop_sd", "chance"]
+
+
+def _per_seed(probes: pd.DataFrame) -> pd.DataFrame:
+    """Probe scores of E_pre and E_post side by side, one row per (target, metric, fold seed), and their drop."""
+    wide = probes.pivot_table(index=["target", "metric", "seed"], columns="space", values="score", sort=False)
+    return wide.assign(drop=wide["pre"] - wide["post"]).reset_index()
+
+
+def _mean_sd(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and standard deviation over the fold seeds of pre, post and drop (sd NaN with one seed)."""
+    g = per_seed.groupby(keys, sort=False)[["pre", "post", "drop"]]
+    return g.mean().join(g.std(ddof=1).add_suffix("_sd")).reset_index()
+
+
 def probe_table(m: ModelInputs, references: pd.DataFrame) -> pd.DataFrame:
-    """Probe scores per target: E_pre, E_post, their difference (what the connector loses), each reference
-    space, and chance (long: model, target, metric, pre, post, loss, chance, <reference>...)."""
+    """Readability of the ground truth per target: how well a linear probe reads it from E_pre and from
+    E_post (balanced accuracy for classes, R^2 for numbers; the mean over the fold seeds, with its sd), the
+    drop pre - post (what the connector makes less readable; negative: more readable), chance, and each
+    reference space (long: model, target, metric, pre, pre_sd, post, post_sd, drop, drop_sd, chance, <ref>...)."""
     if m.probes.empty:
-        return pd.DataFrame(columns=["model", "target", "metric", "pre", "post", "loss", "chance"])
-    wide = m.probes.pivot_table(index=["target", "metric"], columns="space", values="score", sort=False)
-    chance = m.probes.groupby("target", sort=False)["chance"].first()
-    out = wide.reset_index().assign(model=m.name)
-    out["loss"] = out["pre"] - out["post"]
-    out["chance"] = out["target"].map(chance)
+        return pd.DataFrame(columns=PROBE_COLUMNS)
+    out = _mean_sd(_per_seed(m.probes), ["target", "metric"]).assign(model=m.name)
+    out["chance"] = out["target"].map(m.probes.groupby("target", sort=False)["chance"].first())
     if not references.empty:
-        refs = references.pivot_table(index="target", columns="space", values="score", sort=False)
+        refs = references.pivot_table(index="target", columns="space", values="score", aggfunc="mean", sort=False)
         out = out.join(refs, on="target")
-    return out[["model", "target", "metric", "pre", "post", "loss", "chance",
-                *[c for c in out.columns if c not in ("model", "target", "metric", "pre", "post", "loss", "chance")]]]
+    return out[PROBE_COLUMNS + [c for c in out.columns if c not in PROBE_COLUMNS]]
 
 
-def probe_groups(probes: pd.DataFrame, column: str) -> dict[str, float]:
-    """Probe scores of one column grouped as the report reads them: the per-kind / per-object presence
-    probes averaged ("kinds", "objects present"), the others as they are."""
+def readability(m: ModelInputs) -> dict[str, float]:
+    """The probes grouped as the summary reads them, readability_{pre,post,drop,drop_sd,chance}_<group>:
+    the per-kind / per-object presence probes averaged ("kinds", "objects_present": balanced accuracy), the
+    others as they are ("count": R^2, "colour", "plate"); means over the fold seeds of each seed's group
+    mean, drop_sd their spread. Groups never mix balanced accuracy with R^2."""
+    if m.probes.empty:
+        return {}
+    per_seed = _per_seed(m.probes)
+    chance = m.probes.groupby("target", sort=False)["chance"].first()
+    group = per_seed["target"].map(lambda t: {"kind": "kinds", "object": "objects_present"}.get(t.split(":")[0], t)
+                                   if ":" in t else t)
+    per_seed = per_seed.assign(group=group, chance=per_seed["target"].map(chance))
+    by_seed = per_seed.groupby(["group", "seed"], sort=False)[["pre", "post", "drop", "chance"]].mean().reset_index()
     out = {}
-    for prefix, name in (("kind:", "kinds"), ("object:", "objects_present")):
-        rows = probes[probes["target"].str.startswith(prefix)]
-        if len(rows):
-            out[name] = float(rows[column].mean())
-    for _, r in probes[~probes["target"].str.contains(":")].iterrows():
-        out[r["target"]] = float(r[column])
+    for name, rows in by_seed.groupby("group", sort=False):
+        for side in ("pre", "post", "drop", "chance"):
+            out[f"readability_{side}_{name}"] = float(rows[side].mean())
+        out[f"readability_drop_sd_{name}"] = float(rows["drop"].std(ddof=1)) if len(rows) > 1 else math.nan
     return out
 
 
-def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dict, probes: pd.DataFrame) -> dict:
-    """One model's line of the summary table (the quantities in README's Report section)."""
+def mean_interval(v, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of the finite values of v: the percentile bootstrap interval of the mean over the
+    values (images), numpy PCG64 from `seed`; NaN bounds with fewer than two values or n_boot < 1."""
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2 or n_boot < 1:
+        return (float(v.mean()) if len(v) else math.nan), math.nan, math.nan
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(low), float(high)
+
+
+def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dict, n_boot: int = 1000,
+                seed: int = 0) -> dict:
+    """One model's line of the summary table. Two caption sets side by side are scored on the same images:
+    the post caption on the test images beside the recon caption (post_caption_<score>_test), and on all
+    images for the model's own quality (post_caption_<score>). The reconstructor's margin over the linear
+    baseline is the mean over test images of linear_mse_z - mse_z with a bootstrap interval (n_boot, seed):
+    recon_vs_linear "beats" where the interval lies above 0, "underfit" where below, "tie" otherwise."""
     row = {"model": m.name, "images": m.knn_metrics["images"]}
     for _, r in knor_table(m).iterrows():
         row[f"knor_{r['pair']}@{r['k']}"] = r["knor"]
@@ -481,13 +519,22 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dic
     for key in ("mse_z", "mean_mse_z", "linear_mse_z", "pooled_mse_z", "ridge_pooled_mse_z", "cosine",
                 "pooled_cosine"):
         row[f"recon_{key}"] = test[key]
-    for key in ("beats_mean_baseline", "beats_linear_baseline", "beats_ridge_baseline", "underfit"):
-        row[f"recon_{key}"] = m.recon_metrics[key]
     split = m.recon["split"]
+    tested = m.recon[split == "test"]
+    margin = mean_interval(tested["linear_mse_z"] - tested["mse_z"], n_boot, seed)
+    row["recon_linear_margin"], row["recon_linear_margin_low"], row["recon_linear_margin_high"] = margin
+    if math.isnan(margin[0]):  # no linear baseline (its inputs exceed recon.linear_max_features)
+        row["recon_vs_linear"], row["recon_underfit"] = None, None
+    else:
+        row["recon_vs_linear"] = "beats" if margin[1] > 0 else "underfit" if margin[2] < 0 else "tie"
+        row["recon_underfit"] = row["recon_vs_linear"] == "underfit"
+    for key in ("beats_mean_baseline", "beats_ridge_baseline"):
+        row[f"recon_{key}"] = m.recon_metrics[key]
     row["lm_error"] = float(m.captions.loc[split.index[split == "test"], "recon_post_mse_z"].mean())
     for score in ("clipscore", "refclipscore", "bertscore_f1", "truth_exact"):
         row[f"post_caption_{score}"] = float(column(m.scores["post"], score).mean())
-        row[f"recon_caption_{score}"] = float(column(m.scores["recon"], score)[split == "test"].mean())  # test only
+        row[f"post_caption_{score}_test"] = float(column(m.scores["post"], score)[split == "test"].mean())
+        row[f"recon_caption_{score}"] = float(column(m.scores["recon"], score)[split == "test"].mean())
     recon = m.scores["recon"][split == "test"]
     row["recon_caption_stability_f1"] = float(recon["stability_f1"].mean())
     row["recon_caption_same_as_post"] = float((recon["caption"] == m.scores["post"].loc[recon.index, "caption"]).mean())
@@ -495,11 +542,7 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dic
         c = curve[(curve["model"] == m.name) & (curve["mode"] == mode)]
         for score in ("clipscore", "stability_f1"):
             row[f"sensitivity_{mode}_{score}"] = sensitivity(c, score, fractions[mode])
-    if not probes.empty:
-        for side in ("pre", "post", "loss", "chance"):
-            for name, value in probe_groups(probes, side).items():
-                row[f"probe_{side}_{name}"] = value
-    return row
+    return row | readability(m)
 
 
 # The numbers the study is about, one small metrics file per model (results/metrics/<model>.json, what
@@ -515,30 +558,31 @@ HEADLINE = {
     "post_exact": "post_caption_truth_exact",                             # caption quality
     "recon_stability_f1": "recon_caption_stability_f1",                   # recon caption vs post caption
     "sensitivity_{mode}": "sensitivity_{mode}_stability_f1",              # perturbation (area over fraction)
+    "readability_drop_kinds": "readability_drop_kinds",                   # what the connector makes less
+    "readability_drop_count": "readability_drop_count",                   # readable (toy world; each its own
+    "readability_drop_objects_present": "readability_drop_objects_present",  # metric, never averaged together)
+    "readability_drop_objects": "readability_drop_objects",               # (COCO)
 }
 
 
 def headline(row: dict, k: int, modes: list) -> dict:
-    """The HEADLINE numbers of one summary row, plus probe_loss (the mean of the probes' pre - post); a
-    number that is undefined for this study (NaN or None, e.g. no toy truth, or no linear baseline when its
-    inputs exceed recon.linear_max_features) is left out."""
+    """The HEADLINE numbers of one summary row; a number that is undefined for this study (NaN or None, e.g.
+    no toy truth, or no linear baseline when its inputs exceed recon.linear_max_features) is left out."""
     out = {}
     for name, column_name in HEADLINE.items():
         for mode in modes if "{mode}" in name else [None]:
             value = row.get(column_name.format(k=k, mode=mode), math.nan)
             out[name.format(mode=mode)] = value
-    losses = [v for c, v in row.items() if c.startswith("probe_loss_")]
-    out["probe_loss"] = float(np.mean(losses)) if losses else math.nan
     return {n: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)) for n, v in out.items()
             if isinstance(v, (bool, np.bool_)) or (v is not None and not math.isnan(v))}
 
 
 def caption_means(m: ModelInputs, scores=("clipscore", "bertscore_f1", "truth_exact")) -> pd.DataFrame:
-    """Mean of each caption score for the post caption (all images) and the recon caption (test images)
-    with a normal 95% interval (mean +- 1.96 standard errors; long: model, set, score, mean, low, high, n)."""
+    """Mean of each caption score for the post and the recon caption, on the same (test) images, with a
+    normal 95% interval (mean +- 1.96 standard errors; long: model, set, score, mean, low, high, n)."""
     rows = []
     test = m.recon["split"] == "test"
-    for name, table in (("post", m.scores["post"]), ("recon", m.scores["recon"][test])):
+    for name, table in (("post", m.scores["post"][test]), ("recon", m.scores["recon"][test])):
         for score in scores:
             v = column(table, score).to_numpy(float)
             v = v[np.isfinite(v)]
