@@ -117,7 +117,9 @@ class DevTools:
         self.call("Network.enable", session=True)
         self.call("Page.enable", session=True)
         self.call("Page.addScriptToEvaluateOnNewDocument", session=True, source=WATCH)
-        self.call("Page.navigate", session=True, url=Path(path).resolve().as_uri())
+        navigated = self.call("Page.navigate", session=True, url=Path(path).resolve().as_uri())
+        if navigated.get("errorText"):
+            raise RuntimeError(f"Chromium could not open it ({navigated['errorText']})")
         self.wait(lambda m: m.get("method") == "Page.loadEventFired" and m.get("sessionId") == self.session)
         result = self.call("Runtime.evaluate", session=True, expression=INSPECT, returnByValue=True)
         return json.loads(result["result"]["value"])
@@ -187,6 +189,9 @@ def main(page: Path = typer.Argument(..., help="the HTML file", exists=True, dir
     except BrowserUnavailable as err:
         typer.echo(f"check_page: {err}", err=True)
         raise typer.Exit(2)
+    except (TimeoutError, EOFError, RuntimeError) as err:  # not a page that loads, or Chromium went away
+        typer.echo(f"check_page: {page}: {err}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"check_page: {page}: {len(report.images)} images, {len(report.sections)} sections, "
                f"{len(report.requests)} requests" + (f"; screenshot {screenshot}" if screenshot else ""))
     for problem in report.problems:

@@ -25,4 +25,4 @@ def browser_check(page: Path, screenshot: Path | None = None):
     try:
         return check_page.check(page, screenshot)
     except check_page.BrowserUnavailable as err:
-        pytest.skip(f"no headless Chromium here: {err} (.ci/run installs Debian's chromium)")
+        pytest.skip(f"no headless Chromium here: {err} (.ci/run installs it)")
