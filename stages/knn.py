@@ -7,7 +7,10 @@
     probes           linear probes of the ground-truth attributes (conngeo.data.targets) from pooled
                      E_pre and E_post: what the connector keeps and loses in the world's own terms
 
-Writes data/knn/<model>/per_image.csv, data/knn/<model>/probes.csv and metrics/knn/<model>.json. The
+    neighbours       per image, the stems of its knn.neighbours nearest images in E_pre and in E_post (the
+                     report's examples page shows them side by side)
+
+Writes data/knn/<model>/per_image.csv, neighbours.csv, probes.csv and metrics/knn/<model>.json. The
 vectors are pooled a window of images at a time (params max_window_mb).
 """
 
@@ -76,6 +79,13 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"stem": reader.stems, **{k: v.numpy() for k, v in {**per_image, **spectra}.items()}})
     table.to_csv(out / "per_image.csv", index=False, float_format="%.6g")
+    shown = min(cfg["neighbours"], len(reader) - 1)
+    stems = pd.Series(reader.stems)
+    nearest = {side: knn(spaces[side], shown, metric=cfg["metric"], max_block_bytes=cfg["max_block_mb"] << 20)
+               for side in ("pre", "post")}
+    pd.DataFrame({"stem": reader.stems, **{f"{side}_{j + 1}": stems.iloc[idx[:, j].numpy()].to_numpy()
+                                           for side, idx in nearest.items() for j in range(shown)}}
+                 ).to_csv(out / "neighbours.csv", index=False)
 
     targets = probe_targets(params["data"]["root"], reader.stems)
     columns = ["space", "target", "kind", "seed", "metric", "score", "chance", "n"]

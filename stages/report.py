@@ -9,6 +9,8 @@
     results/series/*.csv                the figures' series, declared as dvc plots
     results/connectors.csv, .md         with connector variants in the study: each connector kind on
                                         the same base against KNOR, reconstruction, accuracy, sensitivity
+    results/examples/index.html         the images behind the numbers, per model (conngeo.report.examples):
+                                        thumbnails from the image root (params data.root under --inputs)
 
 The quick path reads a committed sample in the same layout, with the params it was made with:
     python stages/report.py --inputs sample --out /tmp/report
@@ -23,7 +25,7 @@ import typer
 from common import load_params, run, write_json
 from conngeo import layout
 from conngeo.recon.figures import note_figure
-from conngeo.report import connectors, figures, tables
+from conngeo.report import connectors, examples, figures, tables
 
 app = typer.Typer(add_completion=False)
 
@@ -129,6 +131,9 @@ def main(
     else:  # the outputs exist either way, as dvc.yaml declares them
         (out / "connectors.csv").write_text("base,model,kind\n")
         (out / "connectors.md").write_text("No connector variants in this study (params connectors.variants).\n")
+    neighbours = {m: examples.read_neighbours(inputs, m) for m in models}
+    examples.write_page(out / "examples", data, per_image, neighbours, inputs / params["data"]["root"], modes, levels,
+                        fractions, k, cfg["examples"])
     findings = q[q["family"] == "finding"]
     found = int((findings["verdict"] == "distinguishable").sum())
     typer.echo(f"report: {len(models)} models from {inputs} -> {out}: {found} of {len(findings)} correlations "

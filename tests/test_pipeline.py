@@ -162,8 +162,12 @@ def test_exp_run_with_other_seed(smoke_project, tmp_path):
 def test_report_outputs_and_offline_plots_page(smoke_project):
     results = smoke_project / "results"
     for rel in ("summary.csv", "summary.md", "question.csv", "question.md", "figures/question.png",
-                "figures/patch_loss.png", "series/perturbation.csv"):
+                "figures/patch_loss.png", "series/perturbation.csv", "examples/index.html"):
         assert (results / rel).is_file(), rel
+    # the examples page shows the study's own images and each shown image's neighbours from the knn stage
+    page = (results / "examples/index.html").read_text()
+    assert "not in this sample" not in page.lower() and list((results / "examples/thumbs").glob("*.jpg"))
+    assert (smoke_project / "data/knn/llava/neighbours.csv").is_file()
     run("dvc", "plots", "show", cwd=smoke_project)
     page = (smoke_project / "dvc_plots/index.html").read_text()
     assert "vegaEmbed" in page and "results_figures_question.png" in page

@@ -14,6 +14,7 @@ import yaml
 from scipy.stats import rankdata, spearmanr
 
 from conngeo.report import figures, spearman, spearman_ci, tables
+from page_helpers import browser_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample"
@@ -346,8 +347,23 @@ def test_stage_on_the_sample_writes_every_declared_output(sample_report, tmp_pat
             assert row[f"knor_pre_post@{k}"] == pytest.approx(metrics["pairs"]["pre_post"][f"knor@{k}"], rel=1e-5)
     # the same inputs and seed give the same correlations and the same figures
     again = report_on_sample(tmp_path / "r2")
-    for rel in ("question.csv", "summary.csv", "figures/question.png"):
+    for rel in ("question.csv", "summary.csv", "figures/question.png", "examples/index.html"):
         assert (again / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_examples_page_of_the_sample_in_a_browser(sample_report):
+    """The quick path's examples page in headless Chromium (page_helpers.browser_check): every image loads,
+    every section has rows, nothing is fetched from outside the file system; the first screen is kept in
+    logs/tests/examples.png for a person to look at."""
+    page = sample_report / "examples" / "index.html"
+    size = sum(p.stat().st_size for p in page.parent.rglob("*") if p.is_file())
+    assert size < 5 * 2**20, size  # the page and its thumbnails
+    report = browser_check(page, ROOT / "logs" / "tests" / "examples.png")
+    assert report.problems == []
+    params = yaml.safe_load((SAMPLE / "params.yaml").read_text())
+    assert len(report.sections) == len(params["models"]) * (2 + len(params["perturb"]["modes"]))
+    assert len(report.images) >= len(params["models"]) * params["report"]["examples"]["changed"]
+    assert {r.split(":", 1)[0] for r in report.requests} == {"file"}
 
 
 def test_stage_help():
