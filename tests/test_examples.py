@@ -151,10 +151,12 @@ def study(tmp_path: Path, stems: list[str], image_size=(20, 14), models=("m1", "
             moved = rng.uniform(size=n) < lv
             scores[f"mask_{lv}"] = pd.DataFrame({"caption": [p.replace("apple", "pear") if c else p for p, c in
                                                              zip(post, moved)],
-                                                 "fraction": lv, "stability_f1": np.where(moved, 0.7, 1.0)}, index=idx)
+                                                 "fraction": lv, "stability_f1": np.where(moved, 0.7, 1.0),
+                                                 "relative_change": lv / 2}, index=idx)
         m = tables.ModelInputs(model, knn, {}, None, split, {}, None, captions, scores, None)
         data[model] = m
-        per_image[model] = tables.per_image(m, tables.measures(["mask"], levels), {"k": 3, "fractions": {"mask": 0.5}})
+        per_image[model] = tables.per_image(m, tables.measures(["mask"], levels), {"k": 3, "fractions": {"mask": 0.5}},
+                                            pd.DataFrame({"food_count": 1}, index=idx))
         table = pd.DataFrame({"stem": stems, **{f"{side}_{j + 1}": [stems[(i + j + 1 + (side == "post")) % n]
                                                                     for i in range(n)]
                                                 for side in ("pre", "post") for j in range(3)}})
@@ -320,8 +322,9 @@ def test_make_sample_carries_the_images_its_page_shows(tmp_path):
     k = max(data["llava"].knn_metrics["ks"])
     fractions = {mode: tables.common_fraction(data, mode, params["perturb"]["levels"], 0.5)
                  for mode in params["perturb"]["modes"]}
+    covariates = tables.read_csv(layout.covariates(out))
     per_image = {m: tables.per_image(d, tables.measures(params["perturb"]["modes"], params["perturb"]["levels"]),
-                                     {"k": k, "fractions": fractions}) for m, d in data.items()}
+                                     {"k": k, "fractions": fractions}, covariates) for m, d in data.items()}
     page = examples.write_page(tmp_path / "examples", data, per_image,
                                {m: examples.read_neighbours(out, m) for m in data}, out / params["data"]["root"],
                                params["perturb"]["modes"], params["perturb"]["levels"], fractions, k,
