@@ -49,6 +49,8 @@ def run(app) -> None:
         raise SystemExit(1)
     finally:
         interrupt.finished()
+
+
 SPEC_KEYS = ("family", "source", "hub", "revision", "dtype", "prompt", "image_size")
 
 

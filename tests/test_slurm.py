@@ -10,6 +10,7 @@ and the chain completes with the outputs of an uninterrupted run. The Slurm test
 reason, where the daemons cannot start; CI (.ci/run) installs them.
 """
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import sys
 import time
 
 import pytest
+import typer
 import yaml
 
 from conftest import ENV, ROOT, Stages, tiny_project, tree_digest
@@ -109,6 +111,25 @@ def test_verify_finds_missing_and_doubled_stems(project, stages, single, tmp_pat
     assert "rows but index.csv lists" in stages("verify", "vectors", "--model", "llava", "--out", out, code=1)
     said = stages("verify", "vectors", "--model", "qwen", "--out", single / "llava", code=1)
     assert "fingerprint differs" in said
+
+
+def test_a_stage_that_is_done_ignores_sigterm(monkeypatch):
+    """The wall's SIGTERM may land while a finished stage exits, when Python has put back the default action
+    (death): the task would take the exit 143 for a stop and rerun the stage. run() ignores SIGTERM once
+    the work is done."""
+    spec = importlib.util.spec_from_file_location("stage_common", ROOT / "stages" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    app = typer.Typer()
+    app.command()(lambda: None)
+    monkeypatch.setattr(sys, "argv", ["stages/nothing.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as done:
+            common.run(app)
+        assert done.value.code == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # -- a real Slurm ------------------------------------------------------------------------------------
@@ -235,8 +256,9 @@ def wait_for_jobs(env, timeout=180):
 
 def test_slurm_array_over_models_and_shards_equals_one_process(project, single, slurm):
     env = {**slurm, "MODELS": " ".join(MODELS), "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
-           # the wrappers' defaults ask for a GPU and 64G; this node has 2 CPUs, 2 GB and no GPU
-           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10"}
+           # the wrappers' defaults ask for a GPU, 32G and a warning 900 s before an 8 h wall; this node has
+           # 2 CPUs, 2 GB and no GPU, and these tasks take seconds
+           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10 --signal=B:USR1@30"}
     start = time.time()
     proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "extract"], cwd=project, env=env,
                           capture_output=True, text=True)
@@ -261,10 +283,10 @@ def test_slurm_array_over_models_and_shards_equals_one_process(project, single, 
 
 @pytest.fixture(scope="module")
 def long_sweep(tmp_path_factory):
-    """A project whose perturbation sweep outlasts Slurm's first time-limit check (30 s apart) in each of
-    two workers: one tiny LLaVA, 2 shards x 32 images in windows of 4 (16 units), 20 caption sets."""
+    """A project whose perturbation sweep outlasts Slurm's time-limit check (every 30 s), whatever its phase:
+    one tiny LLaVA, 2 shards x 24 images in windows of 4 (12 units), 20 caption sets."""
     root = tmp_path_factory.mktemp("wall")
-    params = tiny_project(root, "llava", "llava", images_per_shard=32, batch_size=4)
+    params = tiny_project(root, "llava", "llava", images_per_shard=24, batch_size=4)
     shutil.copytree(ROOT / "scripts", root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     params["captions"].update(max_new_tokens=8, batch_size=4)
     params["max_window_mb"] = 1e-6  # a window of one generate batch
@@ -287,10 +309,12 @@ def slurm_records(env, project):
 
 def test_slurm_tasks_past_their_wall_requeue_and_the_chain_completes(long_sweep, slurm):
     project = long_sweep
-    # the workers' wall is cut to one minute below: warned 30 s before it, at Slurm's first time-limit check
-    # (every 30 s) of each run; the join keeps ten minutes, so it completes in one run
+    # The workers' wall is cut to one minute below, warned 30 s before it: at Slurm's first time-limit check
+    # (every 30 s) of each run. They ask for both CPUs, so they run one after the other and some run is
+    # under way at the first check as long as the whole sweep takes more than 30 s (while this process runs
+    # the reference on the other core). The join keeps ten minutes, so it completes in one run.
     env = {**slurm, "MODELS": "llava", "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
-           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10 --signal=B:USR1@30"}
+           "SBATCH_ARGS": "--gres=none --cpus-per-task=2 --mem=400M --time=10 --signal=B:USR1@30"}
     proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "perturb"], cwd=project, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -314,5 +338,5 @@ def test_slurm_tasks_past_their_wall_requeue_and_the_chain_completes(long_sweep,
     assert max(restarts) >= 1 and joins[0]["Restarts"] == "0", logs  # Slurm's own count of the requeues
     assert logs.count("requeueing: the next run resumes from the kept parts") == sum(restarts), logs
     assert joins[0]["StartTime"] >= max(j["EndTime"] for j in workers), records  # it waited for the last runs
-    assert "verify perturb llava: ok, 64 images x 20 caption sets" in logs
+    assert "verify perturb llava: ok, 48 images x 20 caption sets" in logs
     assert tree_digest(project / "data" / "perturb" / "llava") == tree_digest(project / "uninterrupted")
