@@ -73,10 +73,10 @@ def caption_unit(adapter, posts: Sequence[torch.Tensor], stems: Sequence[str], i
                 if not source:
                     todo.append((len(rows["stem"]), key, image, matrix))
                 whole = post.shape[0] if mode == "mask" else min(post.shape)
-                for column, value in (("set", name), ("stem", stem), ("shard", shard), ("caption", caption),
-                                      ("changed", str(changed)), ("fraction", f"{changed / whole:.6g}"),
-                                      ("relative_change", f"{relative_change(post, matrix):.6g}"),
-                                      ("reused_from", source)):
+                row = {"set": name, "stem": stem, "shard": shard, "caption": caption, "changed": str(changed),
+                       "fraction": f"{changed / whole:.6g}", "relative_change": f"{relative_change(post, matrix):.6g}",
+                       "reused_from": source}
+                for column, value in row.items():
                     rows[column].append(value)
             captions = generate_captions(adapter, [t[2] for t in todo], [t[3] for t in todo], batch_size=batch_size,
                                          max_new_tokens=max_new_tokens)
