@@ -47,6 +47,10 @@ def run(app) -> None:
             raise
         typer.echo(f"{stage}: error: {err.args[0] if err.args else err}", err=True)
         raise SystemExit(1)
+    finally:
+        interrupt.finished()
+
+
 SPEC_KEYS = ("family", "source", "hub", "revision", "dtype", "prompt", "image_size")
 
 

@@ -3,6 +3,7 @@
     python stages/verify.py images                    every image of the root decodes (listing a folder opens none)
     python stages/verify.py vectors --model llava     data/vectors/llava against the image root
     python stages/verify.py captions --model llava    data/captions/llava/captions.csv against the vectors
+    python stages/verify.py perturb --model llava     every data/perturb/llava/<mode>/<level>/captions.csv
 
 Exits 1 listing every problem (a missing or doubled stem, an index that disagrees with its tensors,
 a fingerprint of another model spec, a part or temporary file left behind); exits 0 when complete.
@@ -16,6 +17,7 @@ from common import load_params, model_spec, run
 from conngeo import layout
 from conngeo.captions.inputs import shard_folders
 from conngeo.captions.parts import verify_table
+from conngeo.captions.sweep import set_names, verify_sets
 from conngeo.data.images import check_images, scan
 from conngeo.data.vectors import read_index
 from conngeo.extraction import verify as verify_extraction
@@ -73,6 +75,23 @@ def captions(
     out = out or layout.data("captions", model)
     stems = [r[0] for f in shard_folders(vectors, f"dvc repro extract@{model}") for r in read_index(f)]
     report(f"captions {model}", verify_table(out / "captions.csv", stems), f"{len(stems)} images in {out}")
+
+
+@app.command()
+def perturb(
+    model: str = typer.Option(..., help="a name from params.yaml `models`"),
+    vectors: Path = typer.Option(None, help="extracted vector shards (default data/vectors/<model>)"),
+    out: Path = typer.Option(None, help="the perturb stage's output folder (default data/perturb/<model>)"),
+):
+    """Every stem of the vectors exactly once, in order, in the table of every mode and level of params
+    perturb; no partial files."""
+    pcfg = load_params()["perturb"]
+    vectors = vectors or layout.data("vectors", model)
+    out = out or layout.data("perturb", model)
+    names = set_names(pcfg["modes"], pcfg["levels"])
+    stems = [r[0] for f in shard_folders(vectors, f"dvc repro extract@{model}") for r in read_index(f)]
+    report(f"perturb {model}", verify_sets(out, names, stems),
+           f"{len(stems)} images x {len(names)} caption sets in {out}")
 
 
 if __name__ == "__main__":

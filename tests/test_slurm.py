@@ -4,10 +4,13 @@ A throwaway project (the stage scripts, scripts/slurm, a params.yaml naming two 
 saved with save_pretrained, a toy world of 2 shards x 5 images) is run three ways: one process; N
 workers then the plain join run; and scripts/slurm/submit.sh on Debian's slurm-wlm (munged, slurmctld
 and slurmd started here on 127.0.0.1). The outputs must be byte-identical, and verify must pass only
-on the finished ones. The Slurm test skips, with the reason, where the daemons cannot start; CI
-(.ci/run) installs them.
+on the finished ones. Then a perturbation sweep longer than a wall of one minute runs under
+submit.sh: its tasks are warned before the wall, stop after their current part, requeue themselves,
+and the chain completes with the outputs of an uninterrupted run. The Slurm tests skip, with the
+reason, where the daemons cannot start; CI (.ci/run) installs them.
 """
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -17,9 +20,10 @@ import sys
 import time
 
 import pytest
+import typer
 import yaml
 
-from conftest import ENV, ROOT, Stages, tree_digest
+from conftest import ENV, ROOT, Stages, tiny_project, tree_digest
 from conngeo.data import toyworld
 from conngeo.models import adapter_class
 from models_helpers import toy_tokenizer
@@ -109,6 +113,25 @@ def test_verify_finds_missing_and_doubled_stems(project, stages, single, tmp_pat
     assert "fingerprint differs" in said
 
 
+def test_a_stage_that_is_done_ignores_sigterm(monkeypatch):
+    """The wall's SIGTERM may land while a finished stage exits, when Python has put back the default action
+    (death): the task would take the exit 143 for a stop and rerun the stage. run() ignores SIGTERM once
+    the work is done."""
+    spec = importlib.util.spec_from_file_location("stage_common", ROOT / "stages" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    app = typer.Typer()
+    app.command()(lambda: None)
+    monkeypatch.setattr(sys, "argv", ["stages/nothing.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as done:
+            common.run(app)
+        assert done.value.code == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # -- a real Slurm ------------------------------------------------------------------------------------
 
 def free_port():
@@ -126,7 +149,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={run}/munge/munge.socket.2
+# cred_expire: a requeued job may start again cred_expire + 1 s later (default 120 s)
+AuthInfo=socket={run}/munge/munge.socket.2,cred_expire=5
 StateSaveLocation={run}/state
 SlurmdSpoolDir={run}/spool
 SlurmctldPidFile={run}/run/slurmctld.pid
@@ -140,6 +164,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={run}/log/jobcomp.txt
 SchedulerType=sched/backfill
+# try pending jobs every second (defaults 60 and 30 s): a requeued task starts once it may
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -230,8 +256,9 @@ def wait_for_jobs(env, timeout=180):
 
 def test_slurm_array_over_models_and_shards_equals_one_process(project, single, slurm):
     env = {**slurm, "MODELS": " ".join(MODELS), "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
-           # the wrappers' defaults ask for a GPU and 64G; this node has 2 CPUs, 2 GB and no GPU
-           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10"}
+           # the wrappers' defaults ask for a GPU, 32G and a warning 900 s before an 8 h wall; this node has
+           # 2 CPUs, 2 GB and no GPU, and these tasks take seconds
+           "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10 --signal=B:USR1@30"}
     start = time.time()
     proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "extract"], cwd=project, env=env,
                           capture_output=True, text=True)
@@ -250,3 +277,66 @@ def test_slurm_array_over_models_and_shards_equals_one_process(project, single, 
     joined = "".join(p.read_text() for p in logs.glob("conngeo-extract-join-*.out"))
     assert joined.count("verify vectors") == 2 and "ok, 10 images in 2 shards" in joined
     assert time.time() - start < 120
+
+
+# -- a wall time: tasks warned before it stop after their part, requeue themselves, and the chain completes
+
+@pytest.fixture(scope="module")
+def long_sweep(tmp_path_factory):
+    """A project whose perturbation sweep outlasts Slurm's time-limit check (every 30 s), whatever its phase:
+    one tiny LLaVA, 2 shards x 24 images in windows of 4 (12 units), 20 caption sets."""
+    root = tmp_path_factory.mktemp("wall")
+    params = tiny_project(root, "llava", "llava", images_per_shard=24, batch_size=4)
+    shutil.copytree(ROOT / "scripts", root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    params["captions"].update(max_new_tokens=8, batch_size=4)
+    params["max_window_mb"] = 1e-6  # a window of one generate batch
+    params["perturb"].update(modes=["mask", "lowrank"], levels=[round(0.1 * i, 1) for i in range(1, 11)])
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    stages = Stages(root)
+    try:
+        stages("extract", "--model", "llava")
+    finally:
+        sys.path.remove(str(root / "stages"))
+    return root
+
+
+def slurm_records(env, project):
+    """Slurm's record of every job (array task) submitted from `project`: {field: value} each."""
+    out = subprocess.run(["scontrol", "-o", "show", "job"], env=env, capture_output=True, text=True, check=True).stdout
+    jobs = [dict(w.split("=", 1) for w in line.split() if "=" in w) for line in out.splitlines() if line.strip()]
+    return [j for j in jobs if j.get("WorkDir") == str(project)]
+
+
+def test_slurm_tasks_past_their_wall_requeue_and_the_chain_completes(long_sweep, slurm):
+    project = long_sweep
+    # The workers' wall is cut to one minute below, warned 30 s before it: at Slurm's first time-limit check
+    # (every 30 s) of each run. They ask for both CPUs, so they run one after the other and some run is
+    # under way at the first check as long as the whole sweep takes more than 30 s (while this process runs
+    # the reference on the other core). The join keeps ten minutes, so it completes in one run.
+    env = {**slurm, "MODELS": "llava", "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
+           "SBATCH_ARGS": "--gres=none --cpus-per-task=2 --mem=400M --time=10 --signal=B:USR1@30"}
+    proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "perturb"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    array = {j["ArrayJobId"] for j in slurm_records(env, project) if j["JobName"] == "conngeo-perturb"}
+    assert len(array) == 1, array
+    subprocess.run(["scontrol", "update", f"JobId={array.pop()}", "TimeLimit=1"], env=env, check=True)  # every task
+    stages = Stages(project)  # meanwhile, the same sweep uninterrupted, in this process
+    try:
+        stages("perturb", "--model", "llava", "--out", "uninterrupted")
+    finally:
+        sys.path.remove(str(project / "stages"))
+    wait_for_jobs(env, timeout=600)
+
+    logs = "".join(p.read_text() for p in sorted((project / "logs" / "slurm").glob("*.out")))
+    records = slurm_records(env, project)
+    workers = [j for j in records if j["JobName"] == "conngeo-perturb"]
+    joins = [j for j in records if j["JobName"] == "conngeo-perturb-join"]
+    assert len(workers) == 2 and len(joins) == 1, records
+    assert {j["JobState"] for j in records} == {"COMPLETED"}, logs
+    restarts = [int(j["Restarts"]) for j in workers]
+    assert max(restarts) >= 1 and joins[0]["Restarts"] == "0", logs  # Slurm's own count of the requeues
+    assert logs.count("requeueing: the next run resumes from the kept parts") == sum(restarts), logs
+    assert joins[0]["StartTime"] >= max(j["EndTime"] for j in workers), records  # it waited for the last runs
+    assert "verify perturb llava: ok, 48 images x 20 caption sets" in logs
+    assert tree_digest(project / "data" / "perturb" / "llava") == tree_digest(project / "uninterrupted")

@@ -8,10 +8,10 @@
 # Prints the id of the job that finishes the submission, so calls can be chained (AFTER=<id>).
 # Knobs (environment):
 #   MODELS, SPACES  which models / reference spaces (default: params.yaml)
-#   WORKERS      processes per model for extract and captions (default 4); their parts are joined by
-#                one plain stage run per model, then checked by stages/verify.py
+#   WORKERS      processes per model for extract, captions and perturb (default 4); their parts are
+#                joined by one plain stage run per model, then checked by stages/verify.py
 #   SBATCH_ARGS  extra sbatch options for every job, e.g. "--partition=gpu --gres=gpu:a100:1"
-#   EXTRA_ARGS   extra options for the extract and captions commands that do not change results,
+#   EXTRA_ARGS   extra options for the extract, captions and perturb commands that do not change results,
 #                e.g. "--threads 4"; what changes results (device, dtype...) belongs in params.yaml,
 #                or `dvc commit` records params that did not make the outputs
 #   AFTER        a job id the first job waits for (afterok)
@@ -44,15 +44,24 @@ array() {
     "$@" $SBATCH_ARGS "$HERE/task.sbatch" "$list" | cut -d';' -f1
 }
 
-# sharded: WORKERS tasks per model, then per model the plain command (joins the parts) and verify
+# verify WHAT MODEL: the check after a stage, deaf to the wall's SIGTERM (task.sbatch): it is short, and
+# stopping it would rerun the finished stage
+verify() { echo "(trap '' TERM; python stages/verify.py $1 --model $2)"; }
+
+# sharded: WORKERS tasks per model, then per model the plain command (joins the parts) and verify;
+# with WORKERS=1 the plain command does the work itself (a worker of one would join, and the join redo it)
 sharded() {  # STAGE VERIFY AFTER
   local stage=$1 check=$2 after=$3 id m i
+  if [ "$WORKERS" -eq 1 ]; then
+    for m in $MODELS; do echo "python stages/$stage.py --model $m $EXTRA_ARGS && $(verify "$check" "$m")"; done |
+      array "$stage" "$after"
+    return
+  fi
   id=$(for m in $MODELS; do for ((i = 0; i < WORKERS; i++)); do
          echo "python stages/$stage.py --model $m --worker $i --workers $WORKERS $EXTRA_ARGS"; done; done |
        array "$stage" "$after")
-  for m in $MODELS; do
-    echo "python stages/$stage.py --model $m $EXTRA_ARGS && python stages/verify.py $check --model $m"
-  done | array "$stage-join" "$id" $CPU
+  for m in $MODELS; do echo "python stages/$stage.py --model $m $EXTRA_ARGS && $(verify "$check" "$m")"; done |
+    array "$stage-join" "$id" $CPU
 }
 per_model() {  # STAGE AFTER [sbatch options]
   local stage=$1 after=$2 m
@@ -66,9 +75,10 @@ references()   { local s; for s in $SPACES; do echo "python stages/references.py
                    array references "$1"; }
 knn()          { per_model knn "$1" $CPU; }
 recon() {  # RECON_GPUS > 1: data parallel on that many GPUs of one node (torchrun; the same result, faster)
-  local m
+  local m   # torchrun kills its ranks 30 s after a SIGTERM by default: let them finish their epoch (the wall bounds it)
   if [ "${RECON_GPUS:-1}" -gt 1 ]; then
-    for m in $MODELS; do echo "torchrun --standalone --nproc-per-node $RECON_GPUS stages/recon.py --model $m"; done |
+    for m in $MODELS; do echo "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=3600 torchrun --standalone --nproc-per-node $RECON_GPUS" \
+      "stages/recon.py --model $m"; done |
       array recon "$1" --gres="gpu:$RECON_GPUS"
   else
     per_model recon "$1"
@@ -77,7 +87,7 @@ recon() {  # RECON_GPUS > 1: data parallel on that many GPUs of one node (torchr
 recon_export() { per_model recon_export "$1"; }
 recon_eval()   { per_model recon_eval "$1" $CPU; }
 score()        { per_model score "$1"; }
-perturb()      { per_model perturb "$1"; }   # every mode and level of a model in one task (one model load)
+perturb()      { sharded perturb perturb "$1"; }  # every worker: its windows of images at every mode and level
 all() {  # the DAG of dvc.yaml from extraction on (toyworld, pretrain and zoo are light: dvc repro them first)
   local ex rf kn rc re ev ca pe
   ex=$(extract "$1"); rf=$(references "$1")

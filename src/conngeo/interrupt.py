@@ -26,6 +26,13 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handle)
 
 
+def finished() -> None:
+    """The work is over: from now on SIGTERM is ignored. Python restores the default action (death) while
+    it shuts down, and a SIGTERM then would turn a finished run into a killed one (exit 143, which a
+    Slurm task takes for a stop and reruns)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def requested() -> bool:
     return _requested
 

@@ -4,7 +4,9 @@
     captions_from_recon(adapter, images, pre)     ... from connector(reconstructed E_pre)
     perturb(post, mode, level, stem, seed, fill)  one image's E_post masked or truncated in rank
 
-Level semantics (larger = stronger in both modes) are in `conngeo.captions.perturb`.
+Level semantics (larger = stronger in both modes) are in `conngeo.captions.perturb`; the perturbation
+sweep of a study (every mode and level of every image, in resumable units split over workers, and the
+join) is `conngeo.captions.sweep.perturbed_captions`.
 """
 
 from conngeo.captions.generate import captions_from_recon, generate_captions

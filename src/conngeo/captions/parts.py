@@ -1,13 +1,14 @@
 """Caption generation in resumable units, split over N processes without overlap, and the join.
 
-The unit of work is one generate batch: `batch_size` consecutive images of a vector shard, the batches
-of each shard starting at its first image, exactly as a single process batches them. Units of all
-shards, in order, are dealt round-robin to the workers (`my_units`). Every finished unit is written at
-once to its own file `parts/<shard>-<start>.csv` (through a temporary name), so no file is written by
-two processes and an interrupted run loses at most the unit in progress. A plain run reuses every unit
-whose rows all lie in parts with its fingerprint, computes the rest, writes the one table and removes
-the parts: the same bytes as an uninterrupted single-process run, since every caption came from the
-same batch.
+The unit of work is a run of consecutive images of a vector shard, the runs of each shard starting at
+its first image: for the captions stage one generate batch (`batch_size` images, exactly as a single
+process batches them), for the perturbation sweep (conngeo.captions.sweep) a window of images with
+every caption set of them. Units of all shards, in order, are dealt round-robin to the workers
+(`my_units`). Every finished unit is written at once to its own file `parts/<shard>-<start>.csv`
+(through a temporary name), so no file is written by two processes and an interrupted run loses at
+most the unit in progress. A plain run reuses every unit whose rows lie in parts with its
+fingerprint, computes the rest, writes the tables and removes the parts: the same bytes as an
+uninterrupted single-process run, since every caption came from the same batch.
 
 A part's fingerprint covers what its captions depend on: the model spec, the generation settings,
 and the size and modification time of every vector file read. Comparing times is conservative: a
@@ -26,11 +27,11 @@ from .table import read_table, write_table
 PARTS = "parts"
 
 
-def units(shard_sizes: list[int], batch_size: int) -> list[tuple[int, int, int]]:
-    """(shard number, start, stop) of every generate batch, shard by shard."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    return [(s, a, min(a + batch_size, n)) for s, n in enumerate(shard_sizes) for a in range(0, n, batch_size)]
+def units(shard_sizes: list[int], size: int) -> list[tuple[int, int, int]]:
+    """(shard number, start, stop) of every run of `size` images (e.g. a generate batch), shard by shard."""
+    if size < 1:
+        raise ValueError(f"a unit must hold >= 1 image, not {size}")
+    return [(s, a, min(a + size, n)) for s, n in enumerate(shard_sizes) for a in range(0, n, size)]
 
 
 def my_units(all_units: list, worker: int, workers: int) -> list:
@@ -57,6 +58,17 @@ def write_part(out: Path, unit: tuple[int, int, int], fp: str, columns: dict[str
     path = part_path(out, unit)
     write_table(path, {**columns, "fingerprint": [fp] * n})
     return path
+
+
+def read_part(out: Path, unit: tuple[int, int, int], fp: str) -> dict[str, list[str]] | None:
+    """The columns of one unit's part if it is there and stamped `fp` on every row, else None."""
+    path = part_path(out, unit)
+    if not path.is_file():
+        return None
+    table = read_table(path, required=("fingerprint",))
+    if set(table.pop("fingerprint")) != {fp}:
+        return None
+    return table
 
 
 def read_parts(out: Path, fp: str) -> tuple[dict[str, dict[str, str]], list[Path]]:
