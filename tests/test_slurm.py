@@ -259,7 +259,6 @@ def test_slurm_array_over_models_and_shards_equals_one_process(project, single, 
            # the wrappers' defaults ask for a GPU, 32G and a warning 900 s before an 8 h wall; this node has
            # 2 CPUs, 2 GB and no GPU, and these tasks take seconds
            "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10 --signal=B:USR1@30"}
-    start = time.time()
     proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "extract"], cwd=project, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -276,7 +275,6 @@ def test_slurm_array_over_models_and_shards_equals_one_process(project, single, 
         assert tree_digest(project / "data" / "vectors" / name) == tree_digest(single / name)
     joined = "".join(p.read_text() for p in logs.glob("conngeo-extract-join-*.out"))
     assert joined.count("verify vectors") == 2 and "ok, 10 images in 2 shards" in joined
-    assert time.time() - start < 120
 
 
 # -- a wall time: tasks warned before it stop after their part, requeue themselves, and the chain completes
