@@ -1,6 +1,6 @@
 """The perturb and score stages: one model load for every mode and level, a level whose perturbed E_post
 equals an earlier level's reuses its caption (and says so), and a run stopped mid-way (SIGTERM, as
-Slurm preempts) resumes from its finished parts (a (mode, level) of perturb, a caption set of score)
+Slurm preempts) resumes from its finished parts (a (mode, level) of perturb, a chunk of images of score)
 to outputs byte-identical to an uninterrupted run's."""
 
 import os
@@ -33,6 +33,7 @@ def project(tmp_path_factory):
     clip.save_pretrained(root / "models" / "clip")
     processor.save_pretrained(root / "models" / "clip")
     params["score"]["clip"]["source"] = str(root / "models" / "clip")
+    params["score"].update(chunk_size=4, batch_size=2)  # 12 images: three chunks
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     stages = Stages(root)
     try:
@@ -53,10 +54,10 @@ def perturb(project, out, **kwargs):
     return stage(project, "perturb", "--out", out, **kwargs)
 
 
-def stop_after(proc, path: Path) -> str:
-    """SIGTERM `proc` once `path` exists; its output."""
+def stop_after(proc, folder: Path, pattern: str) -> str:
+    """SIGTERM `proc` once a path matching `pattern` exists under `folder`; its output."""
     deadline = time.time() + 600
-    while not path.is_file():
+    while not any(folder.glob(pattern)):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -81,7 +82,7 @@ def test_identical_perturbations_reuse_their_caption(project):
 
 
 def test_stopped_run_resumes_to_the_same_captions(project):
-    stop_after(perturb(project, "stopped", start_new_session=True), project / "stopped/mask/0.01/captions.csv")
+    stop_after(perturb(project, "stopped", start_new_session=True), project / "stopped", "mask/0.01/captions.csv")
     finished = sorted(p.parent.relative_to(project / "stopped").as_posix()
                       for p in (project / "stopped").glob("*/*/captions.csv"))
     assert 1 <= len(finished) < 2 * len(LEVELS), finished
@@ -93,16 +94,17 @@ def test_stopped_run_resumes_to_the_same_captions(project):
 
 
 def test_stopped_scoring_resumes_to_the_same_scores(project):
-    """Every caption set scored once uninterrupted, then stopped after its first set and resumed."""
+    """Every caption set scored once uninterrupted, then stopped after its first chunk of images and resumed."""
     args = ("--perturb-root", "reference")
     proc = stage(project, "score", *args, "--out", "scores", "--metrics", "scores.json")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json",
                  start_new_session=True)
-    stop_after(proc, project / "stopped_scores/post.csv")
+    stop_after(proc, project / "stopped_scores", "parts/*/0000000-0000004")
     proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json")
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and re.search(r"\((\d+) scored now\)", out).group(1) != str(1 + 2 * len(LEVELS)), out
+    chunks, scored = map(int, re.search(r"in (\d+) chunks \((\d+) scored now\)", out).groups())
+    assert proc.returncode == 0 and chunks == 3 and scored < chunks, out
     assert tree_digest(project / "stopped_scores") == tree_digest(project / "scores")
     assert (project / "stopped_scores.json").read_bytes() == (project / "scores.json").read_bytes()
