@@ -70,8 +70,9 @@ def main(
     done = score_sets(out, sets, items, clip, bert, chunk_size=cfg["chunk_size"], batch_size=cfg["batch_size"],
                       prefix=cfg["clip_prefix"], truth=cfg["truth"], fingerprint=fp, desc=f"score {model}")
     summary = {"model": model, **done.summary,
-               "clipscore": {"prefix": cfg["clip_prefix"], "w": CLIPSCORE_WEIGHT, "clip": space["hub"] or space["source"],
-                             "revision": space["revision"], "distinct_texts": done.texts},
+               "clipscore": {"prefix": cfg["clip_prefix"], "w": CLIPSCORE_WEIGHT,
+                             "clip": space["hub"] or space["source"], "revision": space["revision"],
+                             "distinct_texts": done.texts},  # distinct within each chunk, summed
                "bertscore": bert.info()}
     # how much was computed now (it depends on what an interrupted run left) is printed, not written
     write_json(metrics or layout.details("score", model), summary)

@@ -113,11 +113,10 @@ def score_chunk(items: Sequence[Item], captions: dict[str, Sequence[str]], clip,
     every_text = chunk_texts(captions, references)
     texts = TextEmbeddings(clip, prefix=prefix, batch_size=4 * batch_size)
     texts.add(every_text)  # every distinct text of the chunk embedded once, before any score
-    if not bert.idf:
-        bert.prepare(every_text)
-    idf = idf or {}
-    out = {}
+    idf, out = idf or {}, {}
     try:
+        if not bert.idf:
+            bert.prepare(every_text)
         for name, caps in captions.items():
             clip_out = clip_scores(texts, image_emb, caps, references)
             vs_ref = bert.score(caps, references, idf.get("references"))
