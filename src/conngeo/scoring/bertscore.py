@@ -15,8 +15,8 @@ Without idf weighting, every distinct sentence is embedded once (`prepare`) and 
 (candidate, reference) pair is scored once, with bert-score's own functions, and kept until `clear()`:
 a study's caption sets share most of their captions (a perturbation often leaves a caption as it was),
 so each pair is computed once however often it occurs, and the same pair scores exactly the same
-wherever it occurs between two `clear()`s. A sentence's embeddings take num_layers' hidden size x its
-tokens in float32 (about 60 KB for roberta-large), so a caller with many images scores them in chunks
+wherever it occurs between two `clear()`s. A kept sentence takes its tokens x the model's width in float32
+(about 60 KB for a COCO caption under roberta-large), so a caller with many images scores them in chunks
 and clears in between (conngeo.scoring.sets): batch composition changes the last float32 bits of an
 embedding, so the same pair may then differ in those bits from one chunk to the next.
 Multi-reference: the elementwise max of P, R and F1 over the references, then the baseline rescaling,
@@ -186,7 +186,7 @@ class BERTScore:
                              dtype=torch.bool) & ~no_reference
         out = {key: torch.zeros(n, dtype=torch.float64) for key in ("P", "R", "F1")}
         keep = (~empty & ~no_reference).nonzero().flatten().tolist()
-        if keep and self.idf:  # idf weights come from each call's references (as bert_score.score does)
+        if keep and self.idf:  # the given idf weights, or the call's references' (as bert_score.score does)
             cands = [candidates[i] for i in keep]
             refs = [groups[i][0] for i in keep] if single else [groups[i] for i in keep]
             self.scorer._idf_dict = idf_dict if idf_dict is not None else self.idf_weights(refs)
