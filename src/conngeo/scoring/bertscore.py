@@ -12,11 +12,19 @@ five) use bert-score's multi-reference form; an image without references gets no
 counted, never scored 0.
 
 Without idf weighting, every distinct sentence is embedded once (`prepare`) and every distinct
-(candidate, reference) pair is scored once, with bert-score's own functions, and kept: a study's caption
-sets share most of their captions (a perturbation often leaves a caption as it was), so each pair is
-computed once however often it occurs, and the same pair scores exactly the same wherever it occurs.
+(candidate, reference) pair is scored once, with bert-score's own functions, and kept until `clear()`:
+a study's caption sets share most of their captions (a perturbation often leaves a caption as it was),
+so each pair is computed once however often it occurs, and the same pair scores exactly the same
+wherever it occurs between two `clear()`s. A kept sentence takes its tokens x the model's width in float32
+(about 60 KB for a COCO caption under roberta-large), so a caller with many images scores them in chunks
+and clears in between (conngeo.scoring.sets): batch composition changes the last float32 bits of an
+embedding, so the same pair may then differ in those bits from one chunk to the next.
 Multi-reference: the elementwise max of P, R and F1 over the references, then the baseline rescaling,
 as bert_score.score does.
+
+With idf weighting, each call goes through bert_score's BERTScorer.score, with the idf weights of
+`idf_weights(texts)` when given (bert-score's get_idf_dict of those texts: e.g. every image's references,
+computed once for a study scored in chunks), else of the call's own references, as bert_score.score does.
 
 `info()` records what produced the numbers: bert-score's hash string (with the model folder's local
 path replaced by the model's name, since the package embeds the absolute path), the model name,
@@ -100,10 +108,17 @@ class BERTScore:
                              "set rescale_with_baseline false or use a model it has one for, e.g. roberta-large")
         self._embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sentence -> (token embeddings, idf)
         self._pairs: dict[tuple[str, str], torch.Tensor] = {}  # (candidate, reference) -> (P, R, F1) unrescaled
+        self.pairs_computed = 0  # distinct pairs scored since the scorer was made, over every clear()
 
     @property
-    def pairs_computed(self) -> int:
-        return len(self._pairs)
+    def stored(self) -> int:
+        """Sentence embeddings and pair scores held now (what `clear()` drops)."""
+        return len(self._embeddings) + len(self._pairs)
+
+    def clear(self) -> None:
+        """Drop every kept sentence embedding and pair score (memory: the kept ones grow with the sentences)."""
+        self._embeddings.clear()
+        self._pairs.clear()
 
     def prepare(self, sentences) -> None:
         """Embed every distinct sentence not embedded yet, longest first in batches (as bert-score orders
@@ -135,13 +150,23 @@ class BERTScore:
             p, r, f = greedy_cos_idf(ref[None].clone(), torch.ones(1, len(ref)), ref_idf[None].clone(),
                                      hyp[None].clone(), torch.ones(1, len(hyp)), hyp_idf[None].clone())
             self._pairs[key] = torch.stack([p[0], r[0], f[0]])
+            self.pairs_computed += 1
         return self._pairs[key]
 
     @property
     def num_layers(self) -> int:
         return self.scorer.num_layers
 
-    def score(self, candidates: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, torch.Tensor]:
+    def idf_weights(self, texts: Sequence[str | Sequence[str]]) -> dict:
+        """bert-score's idf weights (get_idf_dict: log((M + 1) / (m_t + 1)) of the M texts, m_t of them holding
+        token t) of `texts`, strings or lists of strings, the empty ones left out."""
+        from bert_score.utils import get_idf_dict
+
+        flat = [t for x in texts for t in ([x] if isinstance(x, str) else x) if not is_empty(t)]
+        return get_idf_dict(flat, self.scorer._tokenizer, nthreads=self.scorer.nthreads)
+
+    def score(self, candidates: Sequence[str], references: Sequence[str | Sequence[str]],
+              idf_dict: dict | None = None) -> dict[str, torch.Tensor]:
         """{"P", "R", "F1": [n] float64, "empty": [n] bool, "no_reference": [n] bool}.
 
         references: per candidate one string, or a list of strings (several references: bert-score's
@@ -149,6 +174,7 @@ class BERTScore:
         A pair with one side empty scores 0 (counted in "empty"), with both sides empty 1 (one string
         each: two identical empty captions). A candidate whose reference list holds no text has no
         score (NaN, counted in "no_reference"): it is left out of means, never scored 0.
+        idf_dict: with idf, the weights to use (`idf_weights`); None: those of this call's references.
         """
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
@@ -160,11 +186,10 @@ class BERTScore:
                              dtype=torch.bool) & ~no_reference
         out = {key: torch.zeros(n, dtype=torch.float64) for key in ("P", "R", "F1")}
         keep = (~empty & ~no_reference).nonzero().flatten().tolist()
-        if keep and self.idf:  # idf weights come from each call's references (as bert_score.score does)
+        if keep and self.idf:  # the given idf weights, or the call's references' (as bert_score.score does)
             cands = [candidates[i] for i in keep]
             refs = [groups[i][0] for i in keep] if single else [groups[i] for i in keep]
-            self.scorer._idf_dict = None
-            self.scorer.compute_idf(refs if single else [t for g in refs for t in g])
+            self.scorer._idf_dict = idf_dict if idf_dict is not None else self.idf_weights(refs)
             p, r, f = self.scorer.score(cands, refs, batch_size=self.batch_size)
             for key, values in zip(("P", "R", "F1"), (p, r, f)):
                 out[key][keep] = values.double()
