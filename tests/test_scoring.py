@@ -490,3 +490,15 @@ def test_caption_sets_read_post_recon_and_every_perturbation(tmp_path):
     write_table(tmp_path / "perturb" / "mask" / "0.5" / "captions.csv", {**table, "stem": ["b", "a"]})
     with pytest.raises(ValueError, match="mask/0.5/captions.csv: stems differ from"):
         caption_sets(tmp_path / "captions.csv", tmp_path / "perturb", ["mask"], [0.5])
+
+
+def test_retrieval_hits_by_hand():
+    from conngeo.scoring.clipscore import retrieval_hits
+
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [1.0, 0.1]])
+    texts = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-1.0, 0.0], [0.8, 0.0]])
+    captions = ["an apple", "a pear", "an egg", "an apple"]
+    hits, chance = retrieval_hits(images, texts, captions)
+    # image 0 -> text 0 (right); 1 -> 1 (right); 2 -> text 1 by cosine (wrong); 3 -> text 0 or 3, both "an apple"
+    assert hits.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert chance.tolist() == [0.5, 0.25, 0.25, 0.5]

@@ -32,6 +32,7 @@ from tokenizers import processors
 from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor,
                           Dinov2Config, Dinov2Model)
 
+from ..scoring.clipscore import retrieval_hits
 from .references import CLIPReference
 
 Log = Callable[[int, dict], None] | None
@@ -100,21 +101,13 @@ def train_image_text(model, pixels: torch.Tensor, text: dict, steps: int, batch_
 
 def top1_retrieval(image_vectors: torch.Tensor, text_vectors: torch.Tensor, captions: list[str],
                    batch_size: int = 64) -> dict:
-    """Image -> caption top-1 by dot product within consecutive batches of `batch_size` pairs.
-
-    A retrieved caption counts as right when its text equals the image's own (two images in a
-    batch can share a caption); `chance` is the expected top-1 of a random pick under that rule.
-    """
-    hits, chance, n = 0.0, 0.0, 0
-    for start in range(0, len(captions), batch_size):
-        block = slice(start, start + batch_size)
-        texts = captions[block]
-        best = (image_vectors[block] @ text_vectors[block].T).argmax(dim=1)
-        for i, j in enumerate(best.tolist()):
-            hits += texts[j] == texts[i]
-            chance += sum(t == texts[i] for t in texts) / len(texts)
-            n += 1
-    return {"top1": hits / n, "chance": chance / n, "n": n, "batch_size": batch_size}
+    """Image -> caption top-1 within consecutive batches of `batch_size` pairs
+    (conngeo.scoring.clipscore.retrieval_hits: right where the retrieved text equals the image's own;
+    `chance` the expected top-1 of a random pick under that rule)."""
+    hits, chance = map(torch.cat, zip(*(retrieval_hits(image_vectors[a:a + batch_size], text_vectors[a:a + batch_size],
+                                                       captions[a:a + batch_size])
+                                        for a in range(0, len(captions), batch_size))))
+    return {"top1": float(hits.mean()), "chance": float(chance.mean()), "n": len(captions), "batch_size": batch_size}
 
 
 # -- CLIP ------------------------------------------------------------------------------------------

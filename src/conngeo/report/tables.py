@@ -535,6 +535,9 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dic
         row[f"post_caption_{score}"] = float(column(m.scores["post"], score).mean())
         row[f"post_caption_{score}_test"] = float(column(m.scores["post"], score)[split == "test"].mean())
         row[f"recon_caption_{score}"] = float(column(m.scores["recon"], score)[split == "test"].mean())
+    post = m.scores["post"]
+    row["clip_retrieval_top1"] = float(column(post, "clip_retrieval").mean())  # the scoring CLIP's sanity check
+    row["clip_retrieval_chance"] = float(column(post, "clip_retrieval_chance").mean())
     recon = m.scores["recon"][split == "test"]
     row["recon_caption_stability_f1"] = float(recon["stability_f1"].mean())
     row["recon_caption_same_as_post"] = float((recon["caption"] == m.scores["post"].loc[recon.index, "caption"]).mean())

@@ -78,6 +78,25 @@ def ref_clip_score(image_emb: torch.Tensor, caption_emb: torch.Tensor, reference
     return harmonic_mean(clip_score(image_emb, caption_emb, w), reference_similarity(caption_emb, reference_emb, owner))
 
 
+def retrieval_hits(image_emb: torch.Tensor, caption_emb: torch.Tensor, captions: Sequence[str]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image -> caption retrieval among the n pairs given, the sanity check of a CLIP that scores captions:
+
+        hit_i    = [captions[argmax_j cos(image_i, caption_j)] == captions[i]]
+        chance_i = #{j : captions[j] == captions[i]} / n       (the hit rate of a random pick)
+
+    A retrieved caption counts as right when its text equals the image's own (two images may share one).
+    Returns ([n] float64 hits, [n] float64 chances)."""
+    if image_emb.shape[0] != caption_emb.shape[0] or len(captions) != image_emb.shape[0]:
+        raise ValueError(f"{image_emb.shape[0]} images, {caption_emb.shape[0]} caption embeddings and "
+                         f"{len(captions)} captions: they must pair up one to one")
+    cos = F.normalize(image_emb.double(), dim=-1) @ F.normalize(caption_emb.double(), dim=-1).T
+    best = cos.argmax(dim=1).tolist()
+    hits = torch.tensor([float(captions[j] == captions[i]) for i, j in enumerate(best)], dtype=torch.float64)
+    chance = torch.tensor([sum(t == c for t in captions) / len(captions) for c in captions], dtype=torch.float64)
+    return hits, chance
+
+
 def with_prefix(texts: Sequence[str], prefix: str = DEFAULT_PREFIX) -> list[str]:
     """`prefix + " " + text`, as the authors' code builds CLIP's input ("" prefix: the text alone)."""
     if not prefix:

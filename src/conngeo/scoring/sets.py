@@ -8,7 +8,9 @@ Caption sets: "post" (the model's own caption, column post of captions.csv), "re
 present) and "<mode>_<level>" (<perturb_root>/<mode>/<level>/captions.csv), one caption per image in the
 stem order of captions.csv. Per caption: CLIPScore and RefCLIPScore (conngeo.scoring.clipscore), BERTScore
 P/R/F1 against the image's references and, except for post itself, against the post caption (stability),
-and with `truth` the toy world's truth against the first reference (conngeo.scoring.truth).
+and with `truth` the toy world's truth against the first reference (conngeo.scoring.truth). The post set
+also holds the scoring CLIP's sanity check: image -> caption retrieval among the chunk's images
+(`retrieval_columns`).
 
 Chunks: the images, in stem order, are cut into chunks of `chunk_size` (the last one shorter), and a chunk
 is scored whole: its images embedded by the CLIP in batches of `batch_size` from the chunk's first image,
@@ -51,7 +53,7 @@ from .. import interrupt
 from ..captions.table import read_table, write_table
 from ..data.images import Item, load_image
 from .bertscore import BERTScore
-from .clipscore import TextEmbeddings, clip_scores
+from .clipscore import TextEmbeddings, clip_scores, retrieval_hits
 from .truth import TRUTH_KEYS, reference_parses, truth_table
 
 PARTS = "parts"
@@ -127,6 +129,8 @@ def score_chunk(items: Sequence[Item], captions: dict[str, Sequence[str]], clip,
             if name != "post":
                 vs_post = bert.score(caps, post, idf.get("post"))
                 columns |= {f"stability_{k.lower()}": fmt(vs_post[k]) for k in ("P", "R", "F1")}
+            if name == "post":  # the scoring CLIP's sanity check: does it find each image's own caption?
+                columns |= retrieval_columns(image_emb, texts, references)
             if truth:
                 table = truth_table(caps, [r[0] if r else "" for r in references])
                 columns |= {f"truth_{k}": ["" if math.isnan(v) else str(int(v)) for v in table[k]] for k in TRUTH_KEYS}
@@ -134,6 +138,20 @@ def score_chunk(items: Sequence[Item], captions: dict[str, Sequence[str]], clip,
     finally:
         bert.clear()
     return out
+
+
+def retrieval_columns(image_emb: torch.Tensor, texts: TextEmbeddings, references: Sequence[Sequence[str]]) -> dict:
+    """Per image of a chunk: whether the CLIP retrieves the image's first reference among the first references
+    of the chunk's images (clip_retrieval, 1 or 0) and the hit rate of a random pick (clip_retrieval_chance);
+    empty for an image without references (clipscore.retrieval_hits)."""
+    have = [i for i, refs in enumerate(references) if refs]
+    hit, chance = [""] * len(references), [""] * len(references)
+    if have:
+        first = [references[i][0] for i in have]
+        got = retrieval_hits(image_emb[have], texts.embed(first), first)
+        for i, h, c in zip(have, *got):
+            hit[i], chance[i] = f"{float(h):.6g}", f"{float(c):.6g}"
+    return {"clip_retrieval": hit, "clip_retrieval_chance": chance}
 
 
 class Means:
