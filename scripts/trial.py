@@ -158,14 +158,13 @@ def main(
                f"stages run in {work}")
 
     walls = {(m, s): run_stage(s, m, work) for m in models for s in STAGES}
-    fixed = {"score": score_fixed(params, work)}
-    times = {}
+    fixed, score_start = {}, score_fixed(params, work)
     for (m, s), wall in walls.items():
         if s == "score":
-            times[m, s] = (min(fixed["score"], wall), wall)
-        else:
+            fixed[m, s] = min(score_start, wall)
+        else:  # the stage's own record: its work, of which loading the model
             took = json.loads((work / "logs/timings" / s / f"{m}.json").read_text())
-            times[m, s] = (wall - (took["total"] - took["load"]), wall)
+            fixed[m, s] = wall - (took["total"] - took["load"])
 
     references = {it.stem: it.references for it in photos}
     captions = {m: read_table(work / "data/captions" / m / "captions.csv") for m in models}
@@ -184,16 +183,15 @@ def main(
 
     typer.echo(f"\nstage times for {n} photographs (s): wall = fixed + per photo x {n}")
     typer.echo(f"  {'model':{width}s}  {'stage':8s}  {'wall':>7s}  {'fixed':>7s}  {'per photo':>9s}")
-    for (m, s), (fix, wall) in times.items():
-        typer.echo(f"  {m:{width}s}  {s:8s}  {wall:7.1f}  {fix:7.1f}  {(wall - fix) / n:9.3f}")
+    for (m, s), wall in walls.items():
+        typer.echo(f"  {m:{width}s}  {s:8s}  {wall:7.1f}  {fixed[m, s]:7.1f}  {(wall - fixed[m, s]) / n:9.3f}")
 
     typer.echo("\nprojection: fixed + per photo x N; disk: the trial's bytes per photograph x N")
     typer.echo(f"  {'model':{width}s}  {'':12s}" + "".join(f"  {f'N = {c:,}':>12s}" for c in project))
     time_all, disk_all = dict.fromkeys(project, 0.0), dict.fromkeys(project, 0.0)
     for m in models:
         for s in STAGES:
-            fix, wall = times[m, s]
-            values = [fix + (wall - fix) / n * c for c in project]
+            values = [fixed[m, s] + (walls[m, s] - fixed[m, s]) / n * c for c in project]
             typer.echo(f"  {m:{width}s}  {s:12s}" + "".join(f"  {duration(v):>12s}" for v in values))
             for c, v in zip(project, values):
                 time_all[c] += v
