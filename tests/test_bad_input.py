@@ -380,7 +380,10 @@ def unreadable_image_in_a_worker(tmp_path):
     BAD["text.png"](tmp_path / "images" / "shard000" / "a,b.png")
     picture().save(tmp_path / "images" / "shard000" / "b.png")
     params_with(tmp_path, data={"root": "images", "on_bad_image": "error"})
-    # the model is loaded on first use: the unreadable first image stops the run before
+    # the checkpoint's processor is read first (the fingerprint records it); the model is loaded on first use,
+    # and the unreadable first image stops the run before
+    cls = adapter_class("qwen2.5vl")
+    cls.tiny(toy_tokenizer(cls.special_tokens), SIZE, seed=0).save(tmp_path / "data/zoo/qwen2_5vl")
     return "extract", ["--model", "qwen2_5vl", "--num-workers", "1"], "images/shard000/a,b.png"
 
 
