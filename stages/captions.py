@@ -24,7 +24,7 @@ import torch
 import typer
 from tqdm import tqdm
 
-from common import LazyAdapter, load_model, load_params, model_spec, run, write_json
+from common import LazyAdapter, load_model, load_params, model_spec, run, write_json, write_timings
 from conngeo import interrupt, layout
 from conngeo.captions import parts, write_table
 from conngeo.captions.inputs import match_images
@@ -147,6 +147,7 @@ def main(
         summary["recon_equals_post"] = sum(a == b for a, b in zip(table["post"], table["recon"])) / max(n, 1)
     metrics = metrics or layout.details("captions", model)
     write_json(metrics, summary)
+    write_timings("captions", model, total=time.perf_counter() - start, load=adapter.load_seconds)
     typer.echo(f"captions: {model}: {n} images from {vectors}{' and ' + str(recon_vectors) if recon else ''} -> "
                f"{out / 'captions.csv'} ({computed} captioned now, {n - computed} kept from earlier parts) in "
                f"{time.perf_counter() - start:.1f} s")

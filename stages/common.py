@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -142,6 +143,20 @@ def model_spec(name: str, params: dict) -> dict:
     return spec
 
 
+def extraction_spec(name: str, params: dict, dtype: str | None = None) -> dict:
+    """What the extraction of model `name` is fingerprinted by: its model_spec (`dtype` overriding the
+    registry's), the storage dtype, and the image processor its checkpoint loads with on this machine
+    (Adapter.processor_info: class and backend), so that parts made where another backend loads are
+    never reused."""
+    from conngeo.models import adapter_class
+
+    spec = model_spec(name, params)
+    spec["dtype"] = dtype or spec["dtype"]
+    spec["store_dtype"] = params["extract"]["store_dtype"] or spec["dtype"]
+    spec["processor"] = adapter_class(spec["family"]).processor_info(spec["source"], spec["revision"], spec["hub"])
+    return spec
+
+
 def load_model(spec: dict, device: str):
     """The adapter of a `model_spec`, on `device`."""
     from conngeo.models import (
@@ -187,6 +202,7 @@ class LazyAdapter:
 
     def __init__(self, load):
         self._load, self._adapter = load, None
+        self.load_seconds = 0.0  # how long loading took (0 if it never loaded), for the stage's timings
 
     @property
     def loaded(self) -> bool:
@@ -194,5 +210,7 @@ class LazyAdapter:
 
     def __getattr__(self, name):
         if self._adapter is None:
+            start = time.perf_counter()
             self._adapter = self._load()
+            self.load_seconds = time.perf_counter() - start
         return getattr(self._adapter, name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import typer
 
-from common import LazyAdapter, load_model, load_params, model_spec, run, write_json, write_timings
+from common import LazyAdapter, extraction_spec, load_model, load_params, run, write_json, write_timings
 from conngeo import layout
 from conngeo.data.images import scan
 from conngeo.data.vectors import resolve_dtype
@@ -48,9 +48,7 @@ def main(
                                  "delete the output folder once before starting the workers instead")
     params = load_params()
     cfg, data = params["extract"], params["data"]
-    spec = model_spec(model, params)
-    if dtype:
-        spec["dtype"] = dtype
+    spec = extraction_spec(model, params, dtype)  # the image processor's class and backend included
     root = root or Path(data["root"])
     out = out or layout.data("vectors", model)
     if not skip_existing and out.exists():
@@ -63,8 +61,8 @@ def main(
                    f"{folder.missing_captions[0]})")
     # loaded on first use: a run that only joins the workers' parts never needs the model
     adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
-    store = cfg["store_dtype"] or spec["dtype"]
-    summary = extract(adapter, folder.items, out, {**spec, "store_dtype": store},
+    store = spec["store_dtype"]
+    summary = extract(adapter, folder.items, out, spec,
                       setting=f"params.yaml models.{model}.image_size (now {spec['image_size']})",
                       on_bad_image=data["on_bad_image"], store_dtype=resolve_dtype(store),
                       batch_size=batch_size or cfg["batch_size"],
@@ -80,7 +78,7 @@ def main(
     report = {"images": summary["images"], "skipped": summary["skipped"], "model": spec, "store_dtype": store,
               "missing_captions": len(folder.missing_captions)}
     write_json(metrics or layout.details("extract", model), report)
-    write_timings("extract", model, total=summary["seconds"])
+    write_timings("extract", model, total=summary["seconds"], load=adapter.load_seconds)
     typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out}: {summary['computed']} encoded "
                f"now, the rest kept from finished shards or parts ({summary['shards']}) in {summary['seconds']} s")
 

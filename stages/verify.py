@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from common import load_params, model_spec, run
+from common import extraction_spec, load_params, run
 from conngeo import layout
 from conngeo.captions.inputs import shard_folders
 from conngeo.captions.parts import verify_table
@@ -54,10 +54,7 @@ def vectors(
 ):
     """Every image of the root exactly once in data/vectors/<model>, consistent, no partial files."""
     params = load_params()
-    spec = model_spec(model, params)
-    if dtype:
-        spec["dtype"] = dtype
-    spec["store_dtype"] = params["extract"]["store_dtype"] or spec["dtype"]
+    spec = extraction_spec(model, params, dtype)
     out = out or layout.data("vectors", model)
     folder = scan(root or Path(params["data"]["root"]))
     report(f"vectors {model}", verify_extraction(folder.items, out, spec),

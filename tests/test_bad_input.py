@@ -147,12 +147,16 @@ def import_coco_layout(tmp, stems):
         entries.append(coco.Entry(stem, tmp / "photos" / f"{stem}.jpg", [f"a plate, \"{stem}\"", "café"]))
     entries.sort(key=lambda e: e.stem)
     coco.write_layout(entries, tmp / "out", shard_size=3, link="copy")
-    counts = {e.stem: [i, 1] for i, e in enumerate(entries)}
-    coco.write_objects(tmp / "out" / "objects.csv", ["dog", "cat"], counts, [e.stem for e in entries])
+    counts = {e.stem: [i % 2, 1] for i, e in enumerate(entries)}
+    crowd = {entries[0].stem: ["dog"]}  # a crowd region of dogs: present, no instance counted
+    coco.write_objects(tmp / "out" / "objects.csv", coco.Objects(["dog", "cat"], counts, crowd, set(stems)),
+                       [e.stem for e in entries])
     items = scan(tmp / "out").items
     assert all(it.references == [f"a plate, \"{it.stem}\"", "café"] for it in items)
     got = [it.stem for it in items]
-    assert probe_targets(tmp / "out", got)["objects"][1] == [counts[s][0] + 1 for s in got]
+    targets = probe_targets(tmp / "out", got)
+    assert targets["objects"][1] == [counts[s][0] + 1 for s in got]
+    assert targets["object:dog"][1] == [int(counts[s][0] > 0 or s in crowd) for s in got]
     return got
 
 
@@ -376,7 +380,10 @@ def unreadable_image_in_a_worker(tmp_path):
     BAD["text.png"](tmp_path / "images" / "shard000" / "a,b.png")
     picture().save(tmp_path / "images" / "shard000" / "b.png")
     params_with(tmp_path, data={"root": "images", "on_bad_image": "error"})
-    # the model is loaded on first use: the unreadable first image stops the run before
+    # the checkpoint's processor is read first (the fingerprint records it); the model is loaded on first use,
+    # and the unreadable first image stops the run before
+    cls = adapter_class("qwen2.5vl")
+    cls.tiny(toy_tokenizer(cls.special_tokens), SIZE, seed=0).save(tmp_path / "data/zoo/qwen2_5vl")
     return "extract", ["--model", "qwen2_5vl", "--num-workers", "1"], "images/shard000/a,b.png"
 
 

@@ -114,3 +114,31 @@ def test_unreadable_images_stop_with_the_file_or_are_skipped_and_listed(adapter,
     assert [stem for stem, _ in summary["skipped"]] == [items[1].stem]
     assert items[1].stem not in read_shard(tmp_path / "skip" / "shard000").stems
     assert verify(folder.items, tmp_path / "skip", SPEC) == []  # skipped and listed, not missing
+
+
+def test_vectors_of_another_image_processor_are_not_reused(adapter, items, tmp_path):
+    """Where torchvision is installed transformers loads the torchvision backend's image processor, which
+    resizes differently: parts and shards made with one backend are recomputed, never mixed, under the other."""
+    pil = {**SPEC, "processor": {"class": "Qwen2VLImageProcessorPil", "backend": "pil"}}
+    torchvision = {**SPEC, "processor": {"class": "Qwen2VLImageProcessor", "backend": "torchvision"}}
+    with pytest.raises(Interrupted):  # leaves shard000's first part, made on a torchvision machine
+        extract(DiesAfter(adapter, 2), items, tmp_path, torchvision, batch_size=3, save_every=4)
+    assert (tmp_path / "shard000" / "parts" / "part00000.safetensors").is_file()
+    summary = extract(adapter, items, tmp_path, pil, batch_size=3, save_every=4)
+    assert summary["computed"] == len(items) and summary["shards"] == {"shard000": "done", "shard001": "done"}
+    assert verify(items, tmp_path, pil) == []
+    assert any("fingerprint differs" in p for p in verify(items, tmp_path, torchvision))
+    assert set(extract(adapter, items, tmp_path, torchvision, batch_size=3, save_every=4)["shards"].values()) == {"done"}
+
+
+def test_processor_info_is_what_load_gives(tmp_path):
+    """Adapter.processor_info reads the processor alone, and names the class and backend that loading gives."""
+    from conngeo.models.base import image_processor_info
+
+    cls = adapter_class("llava")
+    cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(tmp_path / "llava")
+    loaded = cls.load(tmp_path / "llava")
+    info = cls.processor_info(tmp_path / "llava")
+    assert info == image_processor_info(loaded.processor) == {"class": type(loaded.processor.image_processor).__name__,
+                                                               "backend": loaded.processor.image_processor.backend}
+    assert info["backend"] in ("pil", "torchvision")

@@ -59,7 +59,9 @@ def coco(tmp_path):
         "categories": [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}],  # id order: cat, dog
         "annotations": [{"id": 1, "image_id": 1, "category_id": 18}, {"id": 2, "image_id": 1, "category_id": 18},
                         {"id": 3, "image_id": 2, "category_id": 17}, {"id": 4, "image_id": 2, "category_id": 17},
-                        {"id": 5, "image_id": 2, "category_id": 18}, {"id": 6, "image_id": 4, "category_id": 17}]})
+                        {"id": 5, "image_id": 2, "category_id": 18}, {"id": 6, "image_id": 4, "category_id": 17},
+                        {"id": 7, "image_id": 4, "category_id": 18, "iscrowd": 1},  # a crowd of dogs
+                        {"id": 8, "image_id": 2, "category_id": 17, "iscrowd": 0}]})
     splits = {1: "test", 2: "val", 3: "test", 4: "train"}
     write_json(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
         {"filepath": "val2014", "filename": files[i], "cocoid": i, "split": splits[i],
@@ -95,12 +97,12 @@ def test_coco_captions_symlinks_references_objects_and_scan(coco):
     assert (out / "shard000" / f"{S1}.txt").read_text() == "A dog on a sofa.\nA brown dog.\n"
     assert (out / "shard000" / f"{S2}.txt").read_text() == "Two cats.\nCats sleeping.\n"
     assert (out / "shard001" / f"{S4}.txt").read_text() == "A pizza.\n"
-    assert (out / "objects.csv").read_text() == (
-        f"stem,cat,dog\n{S1},0,2\n{S2},2,1\n{S3},0,0\n{S4},1,0\n")
+    assert (out / "objects.csv").read_text() == (  # image 3 is listed and has no annotation: no objects
+        f"stem,cat,dog,crowd\n{S1},0,2,\n{S2},3,1,\n{S3},0,0,\n{S4},1,0,dog\n")
     summary = proc.stdout
     assert "wrote 4 images in 2 shard(s)" in summary and "symlink" in summary
     assert "1/1.67/2" in summary and "without captions (no .txt): 1" in summary
-    assert "1 image(s) without instance annotations" in summary
+    assert "1 image(s) without objects, all zeros; 1 with a crowd region; 0 not in the instances file" in summary
 
     folder = scan(out)
     assert [it.stem for it in folder.items] == [S1, S2, S3, S4]
@@ -175,3 +177,61 @@ def test_bad_inputs_give_one_line(coco):
     error = fails("--karpathy", write_json(coco / "twice.json", twice), "--images", coco / "coco", "--out", coco / "o")
     assert f"stem '{S1}' appears twice" in error
     assert str(coco / "coco" / "val2014" / f"{S1}.jpg") in error and str(coco / "coco" / "other" / f"{S1}.jpg") in error
+
+
+def test_crowd_regions_count_as_present_not_as_instances(coco):
+    from conngeo.data.targets import probe_targets
+
+    ok("--captions", coco / "captions.json", "--images", coco / "coco" / "val2014", "--out", coco / "out",
+       "--instances", coco / "instances.json")
+    targets = probe_targets(coco / "out", [S1, S2, S3, S4])
+    assert targets["object:dog"] == ("class", [1, 1, 0, 1])  # S4: a crowd region of dogs, no dog instance
+    assert targets["object:cat"] == ("class", [0, 1, 0, 1])
+    assert targets["objects"] == ("number", [2, 4, 0, 1])  # instances only: the crowd adds none
+
+
+def test_an_image_id_used_twice_stops_naming_it(coco):
+    """Two images under one id: the captions (or objects) of one would land on the other."""
+    captions = json.loads((coco / "captions.json").read_text())
+    captions["images"][2]["id"] = 1  # S3 under S1's id
+    args = ("--images", coco / "coco" / "val2014", "--out", coco / "out")
+    error = fails("--captions", write_json(coco / "dup.json", captions), *args)
+    assert "dup.json: 1 image id(s) appear more than once" in error
+    assert f"id 1: {S1}.jpg, {S3}.jpg" in error
+    instances = json.loads((coco / "instances.json").read_text())
+    instances["images"][3]["id"] = 2
+    error = fails("--captions", coco / "captions.json", "--instances", write_json(coco / "dupi.json", instances), *args)
+    assert "dupi.json: 1 image id(s) appear more than once" in error and f"id 2: {S2}.png, {S4}.jpg" in error
+    assert not (coco / "out").exists()
+
+
+def test_images_the_instances_file_misses_stop_or_are_skipped(coco):
+    """An image the instances file does not list has unknown objects, not zero: an error naming it, or with
+    --skip-missing-instances a listed exclusion; --limit counts the images kept."""
+    instances = json.loads((coco / "instances.json").read_text())
+    instances["images"] = [img for img in instances["images"] if img["id"] != 2]
+    instances["annotations"] = [a for a in instances["annotations"] if a["image_id"] != 2]
+    part = write_json(coco / "part.json", instances)
+    args = ("--captions", coco / "captions.json", "--images", coco / "coco" / "val2014", "--instances", part)
+    error = fails(*args, "--out", coco / "out")
+    assert "part.json: 1 of the 4 images are not listed in it" in error and S2 in error
+    assert "--skip-missing-instances" in error and not (coco / "out").exists()
+    ok(*args, "--limit", 1, "--out", coco / "first")  # S1 alone: every image written is covered
+    proc = ok(*args, "--skip-missing-instances", "--limit", 2, "--out", coco / "out")
+    assert f"skipping {S2}: not listed in {part}" in proc.stderr
+    assert "1 not in the instances file, skipped" in proc.stdout
+    assert [it.stem for it in scan(coco / "out").items] == [S1, S3]
+    assert (coco / "out" / "objects.csv").read_text() == f"stem,cat,dog,crowd\n{S1},0,2,\n{S3},0,0,\n"
+
+    instances["annotations"].append({"id": 99, "image_id": 2, "category_id": 17})
+    error = fails(*args[:-1], write_json(coco / "orphan.json", instances), "--out", coco / "o")
+    assert "orphan.json: annotation for image_id 2 has no entry in 'images'" in error
+
+
+def test_karpathy_test_split_with_limit_and_instances(coco):
+    """The trial's import: the first N images of the Karpathy test split, with their objects."""
+    proc = ok("--karpathy", coco / "dataset_coco.json", "--images", coco / "coco", "--split", "test", "--limit", 1,
+              "--instances", coco / "instances.json", "--out", coco / "trial")
+    assert "wrote 1 images in 1 shard(s)" in proc.stdout
+    assert [it.stem for it in scan(coco / "trial").items] == [S1]
+    assert (coco / "trial" / "objects.csv").read_text() == f"stem,cat,dog,crowd\n{S1},0,2,\n"

@@ -7,7 +7,8 @@ parts are joined into the shard's files (conngeo.data.vectors) and removed. Chun
 batches as an uninterrupted one and ends with byte-identical shards.
 
 Every file carries a fingerprint of what produced it (model, revision, dtype, prompt, image size,
-storage dtype, the shard's stems); a part or shard with another fingerprint is never reused. Vectors
+storage dtype, the image processor's class and backend as the stage records them, the shard's stems); a
+part or shard with another fingerprint is never reused. Vectors
 are stored in the dtype the model computed them in (bf16 for the real checkpoints) unless
 `store_dtype` says otherwise. The join streams the parts into the shard files one part at a time.
 

@@ -3,8 +3,10 @@
 An image root may carry the truth about its images:
 
     <root>/attributes.csv   the toy world's factors (conngeo.data.toyworld.ATTRIBUTE_COLUMNS)
-    <root>/objects.csv      stem + one column per object category: the number of its instances
-                            (scripts/import_coco.py writes it from COCO's instance annotations)
+    <root>/objects.csv      stem + one column per object category: the number of its individually
+                            annotated instances; then `crowd`: the categories the image has a crowd
+                            region of, ";"-separated (scripts/import_coco.py writes it from COCO's
+                            instance annotations; a file without the column has no crowd regions)
 
 `probe_targets` turns either into targets: name -> (kind, values in the order of `stems`), kind "class"
 (probe accuracy against the majority class) or "number" (held-out R^2):
@@ -13,8 +15,9 @@ An image root may carry the truth about its images:
                 count            how many foods there are in all (1-6)
                 colour           the colour of the first food of the caption
                 plate            the plate's colour
-    COCO        object:<name>    is there at least one <name> (the `top` most frequent categories)
-                objects          how many object instances there are in all
+    COCO        object:<name>    is there a <name>: an instance or a crowd region (the `top` most frequent)
+                objects          how many individually annotated instances there are in all (a crowd
+                                 region, whose instances nobody counted, adds none)
 
 A root with neither file has no targets (the probes are skipped and the report says so).
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-TOY, OBJECTS = "attributes.csv", "objects.csv"
+TOY, OBJECTS, CROWD = "attributes.csv", "objects.csv", "crowd"
 
 
 def _rows(path: Path, stems: list[str]) -> list[dict]:
@@ -61,10 +64,12 @@ def probe_targets(root, stems: list[str], top: int = 10) -> dict[str, tuple[str,
         return targets
     if (root / OBJECTS).is_file():
         rows = _rows(root / OBJECTS, stems)
-        names = [c for c in rows[0] if c != "stem"]
-        present = {c: sum(int(r[c]) > 0 for r in rows) for c in names}
+        names = [c for c in rows[0] if c not in ("stem", CROWD)]
+        crowds = [set((r.get(CROWD) or "").split(";")) for r in rows]
+        has = {c: [int(int(r[c]) > 0 or c in crowd) for r, crowd in zip(rows, crowds)] for c in names}
+        present = {c: sum(has[c]) for c in names}
         common = [c for c in sorted(names, key=lambda c: -present[c]) if 0 < present[c] < len(rows)][:top]
-        targets = {f"object:{c}": ("class", [int(int(r[c]) > 0) for r in rows]) for c in common}
+        targets = {f"object:{c}": ("class", has[c]) for c in common}
         targets["objects"] = ("number", [sum(int(r[c]) for c in names) for r in rows])
         return targets
     return {}

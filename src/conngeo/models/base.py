@@ -77,6 +77,15 @@ def checked_folder(folder, revision: str | None = None, hub: str | None = None) 
     return folder
 
 
+def image_processor_info(processor) -> dict:
+    """The class and backend of the image processor in `processor`. transformers gives a checkpoint the
+    torchvision backend's class where torchvision is installed (common on GPU nodes; CLIPImageProcessor) and
+    the PIL one elsewhere (CLIPImageProcessorPil), and the two resize differently, so the same checkpoint and
+    photograph give other pixels: vectors made with one must not be mixed with the other's."""
+    image_processor = getattr(processor, "image_processor", processor)
+    return {"class": type(image_processor).__name__, "backend": getattr(image_processor, "backend", None)}
+
+
 def placeholder_prompt(processor, prompt: str, placeholder: str, template: str | None) -> str:
     """The user prompt with one image placeholder before it, through the checkpoint's chat `template`
     (the processor's or the tokenizer's: checkpoints keep it in either), else the placeholder alone
@@ -153,6 +162,12 @@ class Adapter(ABC):
         """The family's processor (image processor + tokenizer) from `folder`, for `load`; use
         `from_pretrained_kwargs()`. (An adapter with its own `load` needs none.)"""
         raise NotImplementedError(f"{cls.__name__} defines neither load_processor nor its own load")
+
+    @classmethod
+    def processor_info(cls, source, revision: str | None = None, hub: str | None = None) -> dict:
+        """`image_processor_info` of the processor that `load` gives on this machine, without loading the
+        model: the extraction's fingerprint records it (a run that only joins parts never loads a model)."""
+        return image_processor_info(cls.load_processor(checked_folder(source, revision, hub)))
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)

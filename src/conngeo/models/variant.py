@@ -277,6 +277,18 @@ class ConnectorVariant(Adapter):
         connector.load_state_dict(load_file(folder / WEIGHTS))
         return cls(base, connector.to(device, resolve_dtype(dtype)), config)
 
+    @classmethod
+    def processor_info(cls, source, revision: str | None = None, hub: str | None = None) -> dict:
+        """The base's (the images go through the base's processor)."""
+        from . import adapter_class  # the registry imports this module
+
+        config = Path(source) / CONFIG
+        if not config.is_file():
+            raise MissingCheckpointError(f"connector variant {source!r}: no {CONFIG} there; train it with "
+                                         f"`dvc repro train_connector@{Path(source).name}`")
+        base = json.loads(config.read_text())["base"]
+        return adapter_class(base["family"]).processor_info(base["source"], base["revision"])
+
     def save(self, folder: Path) -> None:
         """connector.safetensors + connector.json only: the base stays where config['base'] says."""
         folder = Path(folder)
