@@ -190,6 +190,23 @@ def test_crowd_regions_count_as_present_not_as_instances(coco):
     assert targets["objects"] == ("number", [2, 4, 0, 1])  # instances only: the crowd adds none
 
 
+def test_content_covariates_of_an_import(coco):
+    from conngeo.data.images import scan
+    from conngeo.data.targets import content_covariates, probe_targets
+
+    ok("--captions", coco / "captions.json", "--images", coco / "coco" / "val2014", "--out", coco / "out",
+       "--instances", coco / "instances.json")
+    items = sorted(scan(coco / "out").items, key=lambda it: it.stem)
+    got = content_covariates(coco / "out", items)
+    targets = probe_targets(coco / "out", got["stem"])
+    present = [sum(values[i] for name, (_, values) in targets.items() if name.startswith("object:"))
+               for i in range(len(items))]
+    assert got["objects"] == targets["objects"][1]  # instances, the crowd adding none
+    assert got["categories"] == present             # a crowd region makes its category present
+    words = [sum(len(t.split()) for t in it.references) / len(it.references) if it.references else None for it in items]
+    assert got["reference_words"] == pytest.approx(words, abs=1e-4)
+
+
 def test_an_image_id_used_twice_stops_naming_it(coco):
     """Two images under one id: the captions (or objects) of one would land on the other."""
     captions = json.loads((coco / "captions.json").read_text())

@@ -51,6 +51,23 @@ def test_captions_agree_with_attributes(tmp_path):
             assert colour in toyworld.FOODS[kind][2] and 1 <= count <= 3
 
 
+def test_content_covariates_from_the_captions(tmp_path):
+    """What each toy image shows, read back from its own caption (toyworld.parse_caption)."""
+    from conngeo.data.images import scan
+    from conngeo.data.targets import content_covariates
+
+    root = make(tmp_path / "w", per_shard=30)
+    items = scan(root).items
+    got = content_covariates(root, items)
+    assert got["stem"] == [it.stem for it in items]
+    for i, it in enumerate(items):
+        parsed = toyworld.parse_caption(it.references[0])
+        assert got["food_count"][i] == sum(count for _, _, count in parsed["foods"])
+        assert got["kinds"][i] == len(parsed["foods"]) and got["plate"][i] == parsed["plate"]
+        assert got["reference_words"][i] == len(it.references[0].split())
+    assert set(got["food_count"]) <= set(range(1, 7)) and len(set(got["food_count"])) > 3
+
+
 def test_hand_written_caption():
     scene = toyworld.Scene([("apple", "red", 2), ("banana", "yellow", 1)], "blue", 0.5, 0.5, 0.4, 1.0)
     assert toyworld.caption(scene) == "two red apples and a yellow banana on a blue plate"

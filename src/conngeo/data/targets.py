@@ -27,8 +27,8 @@ adjusted tests stratify by (what an image shows can drive both a geometry change
     toy world   food_count       foods on the plate (1-6)
                 kinds            food kinds (1-2)
                 plate            the plate's colour
-    COCO        objects          object instances in all (objects.csv)
-                categories       categories with at least one instance
+    COCO        objects          individually annotated instances in all (objects.csv)
+                categories       categories present (an instance or a crowd region)
     any root    reference_words  mean words per reference caption (<stem>.txt; empty where it has none)
 """
 
@@ -64,15 +64,21 @@ def probe_targets(root, stems: list[str], top: int = 10) -> dict[str, tuple[str,
         return targets
     if (root / OBJECTS).is_file():
         rows = _rows(root / OBJECTS, stems)
-        names = [c for c in rows[0] if c not in ("stem", CROWD)]
-        crowds = [set((r.get(CROWD) or "").split(";")) for r in rows]
-        has = {c: [int(int(r[c]) > 0 or c in crowd) for r, crowd in zip(rows, crowds)] for c in names}
+        names, has = _objects(rows)
         present = {c: sum(has[c]) for c in names}
         common = [c for c in sorted(names, key=lambda c: -present[c]) if 0 < present[c] < len(rows)][:top]
         targets = {f"object:{c}": ("class", has[c]) for c in common}
         targets["objects"] = ("number", [sum(int(r[c]) for c in names) for r in rows])
         return targets
     return {}
+
+
+def _objects(rows: list[dict]) -> tuple[list[str], dict[str, list[int]]]:
+    """The category columns of objects.csv rows, and per category whether each image has it: an instance or
+    a crowd region."""
+    names = [c for c in rows[0] if c not in ("stem", CROWD)]
+    crowds = [set((r.get(CROWD) or "").split(";")) for r in rows]
+    return names, {c: [int(int(r[c]) > 0 or c in crowd) for r, crowd in zip(rows, crowds)] for c in names}
 
 
 def content_covariates(root, items) -> dict[str, list]:
@@ -89,9 +95,9 @@ def content_covariates(root, items) -> dict[str, list]:
         out["plate"] = [r["plate_colour"] for r in rows]
     elif (root / OBJECTS).is_file():
         rows = _rows(root / OBJECTS, stems)
-        names = [c for c in rows[0] if c != "stem"]
+        names, has = _objects(rows)
         out["objects"] = [sum(int(r[c]) for c in names) for r in rows]
-        out["categories"] = [sum(int(r[c]) > 0 for c in names) for r in rows]
+        out["categories"] = [sum(has[c][i] for c in names) for i in range(len(rows))]
     out["reference_words"] = [round(sum(len(t.split()) for t in it.references) / len(it.references), 4)
                               if it.references else None for it in items]
     return out
