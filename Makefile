@@ -43,4 +43,4 @@ test: setup
 
 # The whole pipeline at smoke size, as an experiment (params.yaml is left as it is).
 smoke: setup
-	dvc exp run $$(python scripts/profile.py profiles/smoke.yaml)
+	dvc exp run $$(python scripts/apply_profile.py profiles/smoke.yaml)

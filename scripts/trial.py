@@ -6,7 +6,7 @@ the stage scripts the real run uses (extract -> captions -> score), timed, and w
     python scripts/trial.py --images data/images/trial
 
 The stages run in a work folder of their own (--work, default data/trial, emptied first) with a params.yaml
-that is the project's with profiles/real.yaml merged over it (--profile, repeatable, as scripts/profile.py
+that is the project's with profiles/real.yaml merged over it (--profile, repeatable, as scripts/apply_profile.py
 merges), data.root set to --images, captions from E_post only (no reconstructor yet) and no perturbations
 (so score scores those captions): nothing of the project's own data, params or dvc.lock is touched. It
 prints every caption beside the image's first reference, each stage's time split into a fixed part and a
@@ -26,7 +26,6 @@ reconstruction) and perturb once per perturbation set, so those take about (2 + 
 time; references, knn, recon, recon_export, recon_eval and report are not run here (docs/real-study.md).
 """
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -37,22 +36,13 @@ from pathlib import Path
 import typer
 import yaml
 
-# Python puts this script's folder first on the path, and scripts/profile.py there would stand in for the
-# standard library's `profile`, which cProfile (imported by torch and transformers) needs
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from apply_profile import merge
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "captions", "score")
 MARK = "# written by scripts/trial.py: the params of a trial run (this folder is emptied by the next trial)\n"
 
 app = typer.Typer(add_completion=False)
-
-
-def merge(base: dict, over: dict) -> dict:
-    """scripts/profile.py's merge (`~name` removes `name`)."""
-    spec = importlib.util.spec_from_file_location("profile_script", ROOT / "scripts" / "profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.merge(base, over)
 
 
 def absolute(path) -> str | None:

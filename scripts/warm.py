@@ -85,7 +85,7 @@ def serve(path: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return
-    del sys.path[0]  # this folder: its profile.py would shadow the standard library's
+    del sys.path[0]  # this folder: a script of it must not shadow a library module
     os.environ["MPLBACKEND"] = "Agg"
     for name in PRELOAD:  # any failure ends the server (a half-imported module must not reach a script)
         importlib.import_module(name)

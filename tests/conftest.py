@@ -79,7 +79,7 @@ def tiny_project(root: Path, name: str, family: str, images_per_shard: int, batc
 def smoke_project(tmp_path_factory) -> Path:
     """A copy of the project, smoke profile applied and committed, after one `dvc repro`."""
     repo = copy_project(tmp_path_factory.mktemp("smoke") / "repo")
-    run(sys.executable, "scripts/profile.py", "profiles/smoke.yaml", "--write", cwd=repo)
+    run(sys.executable, "scripts/apply_profile.py", "profiles/smoke.yaml", "--write", cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "smoke project", cwd=repo)
     # every stage appends the params keys it read to params_read.jsonl (stages/common.Params)

@@ -58,7 +58,7 @@ def rehearsal(tmp_path_factory, rehearsal_checkpoints):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.link(path, target)
     for profile in (ROOT / "profiles/real.yaml", ROOT / "tests/fixtures/rehearsal.yaml"):
-        run(sys.executable, "scripts/profile.py", profile, "--write", cwd=repo)
+        run(sys.executable, "scripts/apply_profile.py", profile, "--write", cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "rehearsal of the real study", cwd=repo)
     run("dvc", "repro", cwd=repo)

@@ -1,7 +1,7 @@
 """Apply a params profile (e.g. profiles/smoke.yaml) over params.yaml.
 
-    python scripts/profile.py profiles/smoke.yaml            # print `-S key=value` flags for `dvc exp run`
-    python scripts/profile.py profiles/smoke.yaml --write    # rewrite params.yaml merged (drops comments)
+    python scripts/apply_profile.py profiles/smoke.yaml            # print `-S key=value` flags for `dvc exp run`
+    python scripts/apply_profile.py profiles/smoke.yaml --write    # rewrite params.yaml merged (drops comments)
 
 A key written `~name` (any value) removes `name`, as `dvc exp run -S '~section.name'` does: a profile
 can drop entries of a registry (e.g. connector variants) that it does not want to run.
