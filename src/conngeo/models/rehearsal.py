@@ -125,14 +125,14 @@ def train_bpe(core: Tokenizer, texts: list[str]) -> tuple[list[str], list[tuple[
     if config["model"]["byte_fallback"]:
         trainer_core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
         texts = [t.replace("\n", " ") for t in texts]
-    suffix = {"end_of_word_suffix": config["model"]["end_of_word_suffix"]} if config["model"]["end_of_word_suffix"] else {}
+    end = config["model"]["end_of_word_suffix"]
+    suffix = {"end_of_word_suffix": end} if end else {}
     trainer = trainers.BpeTrainer(vocab_size=1 << 20, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [], **suffix)
     trainer_core.train_from_iterator(texts, trainer)
     trained = json.loads(trainer_core.to_str())["model"]
     tokens = sorted(trained["vocab"], key=trained["vocab"].get)
-    if suffix:  # CLIP's vocabulary has every byte symbol also as a word's end
-        end = suffix["end_of_word_suffix"]
+    if end:  # CLIP's vocabulary has every byte symbol also as a word's end
         tokens += [c + end for c in pre_tokenizers.ByteLevel.alphabet() if c + end not in trained["vocab"]]
     return tokens, [tuple(m) for m in trained["merges"]]
 
@@ -167,7 +167,8 @@ def tokenizer_layout(entry: dict, words=()) -> tuple[Tokenizer, dict[str, int], 
     core = Tokenizer.from_str(json.dumps(config))
     plain = set(spec.get("not_special", []))
     core.add_tokens([AddedToken(t, special=t not in plain, normalized=False) for t in added])
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered if t not in added])
+    core.add_special_tokens([AddedToken(t, special=t not in plain, normalized=False)
+                             for t in ordered if t not in added])
     core.post_processor = post_processor(spec, core)
     return core, vocab, added
 
