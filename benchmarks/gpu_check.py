@@ -7,7 +7,8 @@ study's adapter at profiles/real.yaml's image size, and run on photographs of mi
 ratios. Per model it asserts, and stops at the first failure:
 
   1. every image gives the token shapes of its image size (E_pre / E_post tokens x width);
-  2. captions generated from the stored (bf16) E_post equal native generation from the pixels;
+  2. generation from the stored (bf16) E_post equals native generation from the pixels: the same token
+     ids and bit-identical first-step logits;
 
 and prints images/s and peak GPU memory for extraction (the stage's path: DataLoader workers, batches,
 part files), generation (from pixels and from E_post) and one reconstructor epoch (the recon stage's
@@ -31,6 +32,7 @@ from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import VectorReader, resolve_dtype
 from conngeo.extraction import extract
 from conngeo.models import adapter_class
+from conngeo.models.base import same_generation
 from conngeo.models.rehearsal import build_model, build_photos, real_checkpoints
 from conngeo.recon import Normalizer, ReconConfig, TrainSettings, split_by_stem, train_reconstructor
 
@@ -118,13 +120,14 @@ def main(
 
             pixels = [load_image(it.path) for it in items[:batch_size]]
             t = phase("generate")
-            native = adapter.generate(pixels, max_new_tokens=new_tokens)
+            native = adapter.generate_ids(pixels, max_new_tokens=new_tokens, with_logits=True)
             line.append(done(t, len(pixels)))
             t = phase("from E_post")
-            replay = adapter.generate(pixels, post=list(reader.read("post", range(len(pixels)))),
-                                      max_new_tokens=new_tokens)
+            replay = adapter.generate_ids(pixels, post=list(reader.read("post", range(len(pixels)))),
+                                          max_new_tokens=new_tokens, with_logits=True)
             line.append(done(t, len(pixels)))
-            assert replay == native, f"{name}: captions from the stored E_post differ from native generation"
+            assert same_generation(replay, native), (f"{name}: token ids or first-step logits from the stored E_post "
+                                                     "differ from native generation")
 
             split = split_by_stem(reader.stems, 0.2, 0.2)
             train = [i for i, s in enumerate(split) if s == "train"]

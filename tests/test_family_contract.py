@@ -3,8 +3,9 @@ models of the real transformers classes. What a stage relies on, whatever the fa
 
 - the hook's E_post is what the model itself computes (its own get_image_features);
 - connect(E_pre) reproduces E_post, so E_pre is the connector's input;
-- generation from the unmodified E_post replays native generation token for token, and a zeroed
-  E_post changes what the language model reads;
+- generation from the unmodified E_post replays native generation token for token and logit for logit,
+  the replay check catches E_post permuted within an image, and a zeroed E_post changes what the
+  language model reads;
 - token_layout describes the stored tokens (a correspondence into E_post, a raster permutation);
 - save / load round trip offline; a missing checkpoint names the command that provides it.
 
@@ -19,6 +20,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conngeo.models import MissingCheckpointError, adapter_class, families, load_adapter
+from conngeo.models.base import same_generation
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = sorted(f for f in families() if f != "variant")  # a variant needs a base: tests/test_connectors.py
@@ -66,9 +68,10 @@ def test_connect_reproduces_post(adapter, images):
 
 def test_generation_from_unmodified_post_replays_native(adapter, images):
     _, post = adapter.encode(images)
-    native = adapter.generate(images, max_new_tokens=8)
-    assert any(native)
-    assert adapter.generate(images, post=post, max_new_tokens=8) == native
+    native = adapter.generate_ids(images, max_new_tokens=8, with_logits=True)
+    assert (native.ids != adapter.tokenizer.pad_token_id).any()
+    assert same_generation(adapter.generate_ids(images, post=post, max_new_tokens=8, with_logits=True), native)
+    assert adapter.generate(images, post=post, max_new_tokens=8) == adapter.generate(images, max_new_tokens=8)
     # the model's own generate, from pixels and from the supplied E_post: the same token ids
     inputs = adapter.prepare(images)
     with torch.no_grad():
@@ -78,6 +81,18 @@ def test_generation_from_unmodified_post_replays_native(adapter, images):
         supplied = {"image": BaseModelOutputWithPooling(pooler_output=tuple(p.to(adapter.dtype) for p in post))}
         replay = adapter.model.generate(**inputs, max_new_tokens=8, do_sample=False, mm_encoder_outputs=supplied)
     assert torch.equal(ids, replay)
+
+
+def test_replay_check_catches_e_post_permuted_within_an_image(adapter, images):
+    """The replay check (ids and first-step logits) fails for E_post whose tokens are only reordered inside
+    each image: the same vectors, the same words to decode into, at other positions."""
+    _, post = adapter.encode(images)
+    native = adapter.generate_ids(images, max_new_tokens=8, with_logits=True)
+    rng = torch.Generator().manual_seed(0)
+    shuffled = [p[torch.randperm(p.shape[0], generator=rng)] for p in post]
+    permuted = adapter.generate_ids(images, post=shuffled, max_new_tokens=8, with_logits=True)
+    assert not same_generation(permuted, native)
+    assert not torch.equal(permuted.first_logits, native.first_logits)  # whatever the ids do
 
 
 def test_zeroed_post_changes_what_the_lm_reads(adapter, images):

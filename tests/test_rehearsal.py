@@ -85,10 +85,13 @@ def test_every_image_of_a_model_has_the_token_shape_of_its_image_size(rehearsal)
 
 def test_captions_from_the_stored_post_equal_native_generation(rehearsal):
     """The captions stage generates from the stored (bf16) E_post: native generation from the pixels gives
-    the same tokens, in every family; and the settings are recorded (plain greedy, stop tokens)."""
+    the same token ids and first-step logits as generation from the stored E_post, and the same captions as
+    the stage wrote, in every family; and the settings are recorded (plain greedy, stop tokens)."""
     from conngeo.captions import read_table
     from conngeo.data.images import load_image, scan
+    from conngeo.data.vectors import VectorReader
     from conngeo.models import load_adapter
+    from conngeo.models.base import same_generation
 
     params = yaml.safe_load((rehearsal / "params.yaml").read_text())
     items = {it.stem: it for it in scan(rehearsal / "data/images/coco").items}
@@ -97,8 +100,14 @@ def test_captions_from_the_stored_post_equal_native_generation(rehearsal):
         spec = params["models"][model]
         adapter = load_adapter(spec["family"], rehearsal / spec["source"], revision=spec["revision"],
                                dtype=spec["dtype"], prompt=spec["prompt"], image_size=spec["image_size"])
-        images = [load_image(items[stem].path) for stem in table["stem"][:2]]
-        assert adapter.generate(images, max_new_tokens=params["captions"]["max_new_tokens"]) == table["post"][:2], model
+        stems, new_tokens = table["stem"][:2], params["captions"]["max_new_tokens"]
+        images = [load_image(items[stem].path) for stem in stems]
+        assert adapter.generate(images, max_new_tokens=new_tokens) == table["post"][:2], model
+        reader = VectorReader(sorted((rehearsal / "data/vectors" / model).iterdir()))
+        stored = list(reader.read("post", [reader.stems.index(stem) for stem in stems]))
+        native = adapter.generate_ids(images, max_new_tokens=new_tokens, with_logits=True)
+        assert same_generation(adapter.generate_ids(images, post=stored, max_new_tokens=new_tokens, with_logits=True),
+                               native), model
         settings = json.loads((rehearsal / "metrics/captions" / f"{model}.json").read_text())["generation"]
         assert settings["decoding"] == "greedy" and settings["repetition_penalty"] == 1.0
         del adapter

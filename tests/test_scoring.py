@@ -263,6 +263,77 @@ def test_bertscore_several_references_equal_bert_scores_multi_reference_form(ber
 
 # -- toy truth -----------------------------------------------------------------------------------------
 
+# -- BERTScore on a folder laid out as the hub's FacebookAI/roberta-large ---------------------------------
+
+ROBERTA_TEXTS = ["A cat sits on a mat.", "A dog sleeps on a red sofa.", "a cat on a mat", "two red apples"]
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    """A small RoBERTa in the hub's layout (vocab.json, merges.txt, tokenizer.json, config.json,
+    model.safetensors; no tokenizer_config.json): the real RobertaTokenizer files over a small byte-level
+    BPE (conngeo.models.rehearsal), a tiny random RobertaForMaskedLM with RoBERTa's 514 positions."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from conngeo.models.rehearsal import real_checkpoints, write_tokenizer
+
+    folder = tmp_path_factory.mktemp("roberta")
+    vocab = write_tokenizer(real_checkpoints()["roberta-large"], folder, words=ROBERTA_TEXTS)
+    config = RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2)
+    torch.manual_seed(0)
+    RobertaForMaskedLM(config).save_pretrained(folder)
+    assert not (folder / "tokenizer_config.json").exists()
+    return folder
+
+
+def test_bertscore_on_a_hub_roberta_folder_gets_a_finite_length_and_the_leading_space(roberta, monkeypatch):
+    import json
+
+    from bert_score.utils import sent_encode
+
+    from conngeo.scoring import BERTScore
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scorer = BERTScore("roberta-large", source=roberta, num_layers=2, rescale_with_baseline=True)
+    tok = scorer.scorer._tokenizer
+    assert type(tok).__name__ == "RobertaTokenizer" and tok.model_max_length == 512  # 514 positions - 2
+    vocab = json.loads((roberta / "vocab.json").read_text())
+    pieces = ["<s>", "ĠA", "Ġcat", "Ġsits", "Ġon", "Ġa", "Ġmat", ".", "</s>"]  # "A" led by a space, as every word
+    assert sent_encode(tok, "A cat sits on a mat.") == [vocab[p] for p in pieces]
+    long = " ".join(["a cat"] * 400)  # 800 words: truncated to the model's 512 positions, not an error
+    assert len(sent_encode(tok, long)) == 512
+    scores = scorer.score(["A cat sits on a mat.", "two red apples"], [["a cat on a mat"], ["A dog sleeps."]])
+    assert torch.isfinite(scores["F1"]).all()
+
+
+def test_bertscore_on_a_hub_roberta_folder_equals_bert_score_where_the_folder_says_it(roberta, tmp_path,
+                                                                                       monkeypatch):
+    """bert_score.score itself fails on the hub's layout (the 1e30 sentinel: bert_score#205); given the same
+    folder with a tokenizer_config.json stating what BERTScore supplies (512 positions, the leading space),
+    it gives BERTScore's numbers."""
+    import json
+    import os
+    import shutil
+
+    import bert_score
+
+    from conngeo.scoring import BERTScore
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cands = ["A cat sits on a mat.", "two red apples", "A dog"]
+    refs = [["a cat on a mat", "A cat sits."], ["two red apples"], ["A dog sleeps on a red sofa."]]
+    with pytest.raises(OverflowError):
+        bert_score.score(cands, refs, model_type=str(roberta), num_layers=2, lang="en")
+    stated = shutil.copytree(roberta, tmp_path / "stated")
+    (stated / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512, "add_prefix_space": True}))
+    baseline = os.path.join(os.path.dirname(bert_score.__file__), "rescale_baseline", "en", "roberta-large.tsv")
+    p, r, f = bert_score.score(cands, refs, model_type=str(stated), num_layers=2, lang="en",
+                               rescale_with_baseline=True, baseline_path=baseline)
+    got = BERTScore("roberta-large", source=roberta, num_layers=2, rescale_with_baseline=True).score(cands, refs)
+    for key, want in zip(("P", "R", "F1"), (p, r, f)):
+        torch.testing.assert_close(got[key], want.double(), rtol=0, atol=1e-6)
+
+
 def test_truth_table_matches_caption_truth_and_skips_non_toy_references():
     reference = "two red apples and a yellow banana on a blue plate"
     captions = [reference, "two red apples and a yellow banana on a pink plate", "three red apples on a blue plate",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from PIL import Image
@@ -34,6 +34,25 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penal
 
 class MissingCheckpointError(FileNotFoundError):
     pass
+
+
+class Generation(NamedTuple):
+    """What `Adapter.generate_ids` returns: the generated token ids [images, steps] (pad after a stop token)
+    and, where asked for, the first step's logits [images, vocabulary] (float32), both on the cpu."""
+    ids: torch.Tensor
+    first_logits: torch.Tensor | None = None
+
+
+def same_generation(a: Generation, b: Generation) -> bool:
+    """Whether two generations are the same: the same token ids and, where both have them, bit-identical
+    first-step logits. The replay check: decoded strings are too coarse (over a small vocabulary a
+    changed E_post can still decode to the same words), the first step's logits move with any change of
+    what the language model reads."""
+    if not torch.equal(a.ids, b.ids):
+        return False
+    if a.first_logits is None or b.first_logits is None:
+        return True
+    return torch.equal(a.first_logits, b.first_logits)
 
 
 def from_pretrained_kwargs() -> dict:
@@ -245,22 +264,30 @@ class Adapter(ABC):
                 "pre_raster": list(range(n_pre)) if side * side == n_pre else None}
 
     @torch.no_grad()
-    def generate(self, images: list[Image.Image], post: list[torch.Tensor] | None = None,
-                 max_new_tokens: int = 24) -> list[str]:
-        """Greedy captions from the images, or from a supplied per-image E_post in the model's order.
+    def generate_ids(self, images: list[Image.Image], post: list[torch.Tensor] | None = None,
+                     max_new_tokens: int = 24, with_logits: bool = False) -> Generation:
+        """Greedy generation from the images, or from a supplied per-image E_post in the model's order: the
+        new token ids and, with `with_logits`, the first step's logits (what the language model read).
 
-        Unmodified E_post reproduces native generation token for token.
+        Unmodified E_post reproduces native generation token for token, logit for logit (`same_generation`).
         """
         inputs = self.prepare(images)
-        kwargs = {}
+        kwargs = {"output_logits": True, "return_dict_in_generate": True} if with_logits else {}
         if post is not None:
             for key in self.pixel_keys:
                 inputs.pop(key, None)
             pooled = tuple(p.to(self.device, self.dtype) for p in post)
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         out = self.model.generate(**inputs, **kwargs, generation_config=self.greedy(max_new_tokens))
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        sequences = out.sequences if with_logits else out
+        logits = out.logits[0].float().cpu() if with_logits else None
+        return Generation(sequences[:, inputs["input_ids"].shape[1]:].cpu(), logits)
+
+    def generate(self, images: list[Image.Image], post: list[torch.Tensor] | None = None,
+                 max_new_tokens: int = 24) -> list[str]:
+        """Greedy captions (`generate_ids`, decoded without special tokens)."""
+        ids = self.generate_ids(images, post, max_new_tokens).ids
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # -- the tiny zoo ------------------------------------------------------------------------------
     # Whether the family's recipe trains the vision encoder (Qwen) or keeps a pretrained one frozen

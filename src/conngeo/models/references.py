@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMod
 
 from ..data.toyworld import FOODS, PLATES
 from .base import checked_folder, from_pretrained_kwargs, resolve_dtype
+from .tokenizer import bound_to_model
 
 POOLINGS = ("cls", "mean")
 REAL_SOURCES = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}
@@ -130,7 +131,8 @@ def load_reference(kind: str, source, revision: str | None = None, device: str =
     image_processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
     if kind == "clip":
         if config.model_type == "clip":
-            model_class, tokenizer = CLIPModel, AutoTokenizer.from_pretrained(folder, **kwargs)
+            model_class, tokenizer = CLIPModel, bound_to_model(AutoTokenizer.from_pretrained(folder, **kwargs),
+                                                               config.text_config)
         elif config.model_type == "clip_vision_model":
             model_class, tokenizer = CLIPVisionModelWithProjection, None
         else:

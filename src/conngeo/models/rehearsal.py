@@ -13,20 +13,22 @@ Real in a rehearsal checkpoint:
     latents; model.safetensors with save_pretrained's weight names (the hub checkpoints' layout);
   - preprocessor_config.json, processor_config.json where the checkpoint has one, the chat template in
     the file the checkpoint keeps it in, generation_config.json (none where the checkpoint has none);
-  - the special tokens: their strings, roles (bos/eos/pad/unk, image placeholders, chat-format tokens,
-    registered special so that decoding drops them), their real order, and what the real tokenizer adds
-    around a text (Llama's <s>, RoBERTa's <s> ... </s>, CLIP's start/end);
+  - the tokenizer: the files the hub folder has, in its formats (tokenizer.json, vocab.json + merges.txt,
+    tokenizer_config.json, special_tokens_map.json, added_tokens.json; RoBERTa's without a tokenizer_config),
+    so transformers loads each with the class it loads the real one with (TokenizersBackend for LLaVA,
+    LlamaTokenizer, Qwen2Tokenizer, Qwen3_5Tokenizer, CLIPTokenizer, RobertaTokenizer); tokenizer.json has
+    the real pipeline (Llama's SentencePiece BPE with byte fallback, Qwen's, CLIP's and GPT-2's byte-level
+    BPE); the special tokens keep their strings, roles, flags and real order;
   - .cache/huggingface/download/<file>.metadata (revision, etag, time), written by huggingface_hub's own
     writer, so conngeo.models.base.downloaded_revision(folder) reads the pinned revision.
 Not real:
   - the weights: random (seeded; Idefics2's perceiver latents drawn normal(0, 1), as the class inits them
     to ones, which would make E_post rank 1);
   - the depth: `layers` per tower (text, vision, perceiver), None for the real depths (on a GPU);
-  - the tokenizer: word-level over `words` and the chat template's words, not the real BPE/SentencePiece
-    (which cannot be downloaded). So ids differ: every token id of config and generation_config is
-    remapped to the new id of the same token string, and vocab_size is the small vocabulary's size.
-    Whitespace and newlines are not tokens; a word outside the vocabulary is the unknown token (a
-    rehearsal-only "<unk>" where the real tokenizer has none: byte-level BPE never needs one).
+  - the vocabulary: a BPE trained on `words` and the chat template's words (the real one cannot be
+    downloaded), so ids differ: every token id of config and generation_config is remapped to the new id
+    of the same token string, and vocab_size is the small vocabulary's size. Llama's tokenizer.model
+    (SentencePiece) is not written: transformers 5 reads tokenizer.json wherever both are present.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import copy
 import gc
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,8 @@ import transformers
 import yaml
 from huggingface_hub._local_folder import write_download_metadata
 from PIL import Image, ImageDraw
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .base import resolve_dtype
@@ -53,10 +54,7 @@ from .base import resolve_dtype
 FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "real_checkpoints.yaml"
 DEPTH_KEYS = ("num_hidden_layers", "depth", "resampler_depth")
 SUB_CONFIGS = ("text_config", "vision_config", "perceiver_config")
-ROLES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 LOW_IDS = 1000  # special tokens below this id open the vocabulary (Llama's <unk> <s> </s>), the rest close it
-REHEARSAL_UNK = "<unk>"  # the unknown word where the real tokenizer has no unk token
-WORD = re.compile(r"\w+|[^\w\s]+")  # what tokenizers' Whitespace pre-tokenizer splits a text into
 
 
 def real_checkpoints(path=None) -> dict:
@@ -96,39 +94,130 @@ def template_text(entry: dict) -> str:
     return rendered[0]
 
 
-def build_tokenizer(entry: dict, words=()) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with the entry's special tokens and roles over the words of `words` (any
-    texts: prompt, captions, ...) and of the chat template. Special tokens below LOW_IDS come first and
-    the others last, each in their real order, so that e.g. Llama's <unk> <s> </s> keep ids 0 1 2 and
-    CLIP's <|endoftext|> stays the highest id (its legacy pooling takes the highest id of a text)."""
+def sentencepiece_pipeline() -> Tokenizer:
+    """The tokenizer.json pipeline of a Llama-family SentencePiece BPE as transformers' LlamaConverter wrote
+    it when llava-hf and Idefics2 were converted (transformers 4.36-4.39): the normalizer prepends "▁" and
+    turns spaces into "▁" (so every text piece between two added tokens starts with "▁"), no
+    pre-tokenizer, BPE with byte fallback (<0x0A> for a newline) and fused unknowns."""
+    core = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return core
+
+
+def pipeline(name: str) -> Tokenizer:
+    """An empty tokenizer with the pipeline (normalizer, pre-tokenizer, decoder, BPE settings) of the real
+    tokenizer.json: "sentencepiece" (above), else the one the named transformers class builds."""
+    if name == "sentencepiece":
+        return sentencepiece_pipeline()
+    return Tokenizer.from_str(getattr(transformers, name)().backend_tokenizer.to_str())
+
+
+def train_bpe(core: Tokenizer, texts: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(tokens, merges) of a BPE trained on `texts` through `core`'s normalizer and pre-tokenizer, in the
+    trainer's order: the alphabet, then one token per merge. Byte-level pipelines start from all 256
+    byte symbols (every text is then encodable); a SentencePiece one is trained word by word (its pieces
+    never span a "▁"), and its newlines are left to byte fallback, as Llama's vocabulary does."""
+    config = json.loads(core.to_str())
+    trainer_core = Tokenizer.from_str(core.to_str())
+    byte_level = "ByteLevel" in json.dumps(config["pre_tokenizer"])
+    if config["model"]["byte_fallback"]:
+        trainer_core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+        texts = [t.replace("\n", " ") for t in texts]
+    end = config["model"]["end_of_word_suffix"]
+    suffix = {"end_of_word_suffix": end} if end else {}
+    trainer = trainers.BpeTrainer(vocab_size=1 << 20, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [], **suffix)
+    trainer_core.train_from_iterator(texts, trainer)
+    trained = json.loads(trainer_core.to_str())["model"]
+    tokens = sorted(trained["vocab"], key=trained["vocab"].get)
+    if end:  # CLIP's vocabulary has every byte symbol also as a word's end
+        tokens += [c + end for c in pre_tokenizers.ByteLevel.alphabet() if c + end not in trained["vocab"]]
+    return tokens, [tuple(m) for m in trained["merges"]]
+
+
+def tokenizer_layout(entry: dict, words=()) -> tuple[Tokenizer, dict[str, int], list[str]]:
+    """The rehearsal tokenizer of `entry`: the real pipeline (tokenizer.pipeline) with a BPE trained on the
+    words of `words` (any texts: prompt, captions, ...) and of the chat template. Returns the tokenizers
+    object (as tokenizer.json holds it), the model vocabulary (token -> id, as vocab.json holds it) and
+    the added tokens in id order.
+
+    Ids keep the real order: special tokens below LOW_IDS open the vocabulary (Llama's <unk> <s> </s>,
+    RoBERTa's <s> <pad> </s> <unk>), then Llama's 256 byte tokens <0x00>..<0xFF>, the trained tokens,
+    and the other special tokens close it (CLIP's <|endoftext|> stays the highest id: its legacy pooling
+    takes the highest id of a text). Special tokens at or above tokenizer.added_from are added tokens
+    after the model vocabulary, as in the real file (Llama's <image> <pad>, Qwen's), the others belong
+    to it (RoBERTa's <mask>, CLIP's two)."""
     spec, specials = entry["tokenizer"], entry["special_tokens"]
-    lower = spec.get("lowercase", False)
     ordered = sorted(specials, key=specials.get)
+    added_from = spec.get("added_from", float("inf"))
     text = " ".join([*words, template_text(entry)])
     for token in ordered:
         text = text.replace(token, " ")
-    unk = spec.get("unk_token") or REHEARSAL_UNK
-    vocab = [t for t in ordered if specials[t] < LOW_IDS] + ([] if unk in specials else [unk])
-    vocab += [w.lower() if lower else w for w in WORD.findall(text)] + [t for t in ordered if specials[t] >= LOW_IDS]
+    core = pipeline(spec["pipeline"])
+    trained, merges = train_bpe(core, [text])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)] if json.loads(core.to_str())["model"]["byte_fallback"] else []
+    vocab = [t for t in ordered if specials[t] < LOW_IDS] + byte_tokens + trained
+    vocab += [t for t in ordered if LOW_IDS <= specials[t] < added_from]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    if lower:
-        core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    if spec.get("template"):
-        added = [t for t in spec["template"].split() if not t.startswith("$")]
-        core.post_processor = processors.TemplateProcessing(single=spec["template"],
-                                                            special_tokens=[(t, vocab[t]) for t in added])
-    roles = {role: spec[role] for role in ROLES if spec.get(role)}
-    plain = spec.get("not_special", [])
-    extra = [t for t in ordered if t not in roles.values() and t not in plain]
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, **roles, extra_special_tokens=extra,
-                                  padding_side=spec.get("padding_side", "right"),
-                                  model_max_length=spec.get("model_max_length", int(1e30)))
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
-    if len(tok) != len(vocab):
-        raise AssertionError(f"tokenizer grew from {len(vocab)} to {len(tok)} tokens while registering its specials")
-    return tok
+    added = [t for t in ordered if specials[t] >= added_from]
+    config = json.loads(core.to_str())
+    config["model"].update(vocab=vocab, merges=[list(m) for m in merges])
+    core = Tokenizer.from_str(json.dumps(config))
+    plain = set(spec.get("not_special", []))
+    core.add_tokens([AddedToken(t, special=t not in plain, normalized=False) for t in added])
+    core.add_special_tokens([AddedToken(t, special=t not in plain, normalized=False)
+                             for t in ordered if t not in added])
+    core.post_processor = post_processor(spec, core)
+    return core, vocab, added
+
+
+def post_processor(spec: dict, core: Tokenizer):
+    """What the real tokenizer.json adds around a text: Llama's <s> first (add_bos_token), RoBERTa's
+    <s> ... </s> and CLIP's <|startoftext|> ... <|endoftext|>; byte-level Qwen adds nothing."""
+    config, name = spec.get("config") or {}, spec["pipeline"]
+    if name == "sentencepiece":
+        bos = config["bos_token"]
+        return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                             special_tokens=[(bos, core.token_to_id(bos))])
+    if name == "RobertaTokenizer":
+        return processors.RobertaProcessing(("</s>", core.token_to_id("</s>")), ("<s>", core.token_to_id("<s>")))
+    if name == "CLIPTokenizer":
+        eos, bos = "<|endoftext|>", "<|startoftext|>"
+        return processors.RobertaProcessing((eos, core.token_to_id(eos)), (bos, core.token_to_id(bos)),
+                                            trim_offsets=False, add_prefix_space=False)
+    return processors.ByteLevel(trim_offsets=False)
+
+
+def write_tokenizer(entry: dict, folder: Path, words=()) -> dict[str, int]:
+    """The tokenizer files the real folder has (tokenizer.files), in its formats, from `tokenizer_layout`:
+    tokenizer.json, vocab.json + merges.txt (GPT-2 byte-level BPE), tokenizer_config.json (tokenizer.config,
+    its added_tokens_decoder from special_tokens at the rehearsal's ids), special_tokens_map.json,
+    added_tokens.json. Returns every token's id (token -> id, added tokens included)."""
+    spec = entry["tokenizer"]
+    core, vocab, added = tokenizer_layout(entry, words)
+    ids = core.get_vocab(with_added_tokens=True)
+    plain = set(spec.get("not_special", []))
+    files = set(spec["files"])
+    core.save(str(folder / "tokenizer.json"))
+    if "vocab.json" in files:
+        _write_json(folder / "vocab.json", vocab)
+        merges = json.loads(core.to_str())["model"]["merges"]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    if "tokenizer_config.json" in files:
+        config = dict(spec["config"])
+        if config.get("added_tokens_decoder") == "special_tokens":
+            config["added_tokens_decoder"] = {
+                str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False, "special": t not in plain}
+                for t in sorted(entry["special_tokens"], key=ids.get)}
+        _write_json(folder / "tokenizer_config.json", config)
+    if "special_tokens_map.json" in files:
+        _write_json(folder / "special_tokens_map.json", spec["special_tokens_map"])
+    if "added_tokens.json" in files:
+        _write_json(folder / "added_tokens.json", {t: ids[t] for t in added})
+    return ids
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -215,6 +304,18 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_tokenizer(folder: Path, vocab: dict[str, int]) -> None:
+    """The tokenizer transformers loads from `folder` (the class it picks for the real folder) has exactly
+    the rehearsal's vocabulary: a class that added or moved a token would leave the model's embedding
+    table and config ids wrong."""
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    got = tok.get_vocab()
+    if got != vocab:
+        moved = sorted(set(got.items()) ^ set(vocab.items()), key=str)[:6]
+        raise AssertionError(f"{folder}: {type(tok).__name__} loads {len(got)} tokens, the rehearsal wrote "
+                             f"{len(vocab)}; differences (token, id): {moved}")
+
+
 def write_files(entry: dict, folder, layers: int | None = 1, words=(), dtype="bfloat16"):
     """Every file of the rehearsal checkpoint but the weights, into `folder`: config.json in the real file's
     format, tokenizer, generation config, preprocessor and processor configs, the chat template where the
@@ -222,14 +323,14 @@ def write_files(entry: dict, folder, layers: int | None = 1, words=(), dtype="bf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = capped_config(entry["config"], layers, entry.get("min_layers", 0))
-    legacy, ids = entry.get("legacy_ids", []), {}
-    tok = build_tokenizer(entry, words) if entry.get("tokenizer") else None
-    if tok is not None:
-        vocab = tok.get_vocab()
+    legacy, ids, vocab = entry.get("legacy_ids", []), {}, None
+    if entry.get("tokenizer"):
+        vocab = write_tokenizer(entry, folder, words)
         ids = {real: vocab[token] for token, real in entry["special_tokens"].items()}
         config = with_vocab_size(remapped(config, ids, legacy), len(vocab))
-        tok.save_pretrained(folder)
     _write_json(folder / "config.json", dict(config, torch_dtype=dtype))
+    if vocab is not None:
+        check_tokenizer(folder, vocab)
     (folder / "generation_config.json").unlink(missing_ok=True)
     if entry.get("generation_config"):
         _write_json(folder / "generation_config.json", remapped(entry["generation_config"], ids, legacy))

@@ -1,9 +1,15 @@
-"""An offline word-level tokenizer over a closed caption vocabulary (the toy-food world's vocab.txt)."""
+"""Tokenizers: the offline word-level tokenizer over a closed caption vocabulary (the toy-food world's
+vocab.txt), and the context length a real tokenizer loaded from a folder is bounded by."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import LARGE_INTEGER
+
+# text models whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
+# their tables hold pad_token_id + 1 positions that no token takes
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 
@@ -24,3 +30,22 @@ def build_tokenizer(words: list[str], special_tokens: list[str] = ()) -> PreTrai
 def read_vocab(path) -> list[str]:
     with open(path) as f:
         return [w.strip() for w in f if w.strip()]
+
+
+def context_length(config) -> int:
+    """The most tokens (special tokens included) a text model's position table admits:
+    max_position_embeddings, less pad_token_id + 1 where positions start after the padding index
+    (RoBERTa: 514 - 2 = 512)."""
+    offset = config.pad_token_id + 1 if config.model_type in POSITIONS_AFTER_PADDING else 0
+    return config.max_position_embeddings - offset
+
+
+def bound_to_model(tokenizer, config):
+    """`tokenizer` with model_max_length = the model's `context_length` where its folder sets none.
+
+    A folder without tokenizer_config.json (the hub's FacebookAI/roberta-large has none) leaves transformers'
+    1e30 sentinel, and encoding with max_length=model_max_length, truncation=True (as bert-score does)
+    raises OverflowError."""
+    if tokenizer.model_max_length > LARGE_INTEGER:
+        tokenizer.model_max_length = context_length(config)
+    return tokenizer

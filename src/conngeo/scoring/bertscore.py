@@ -65,6 +65,26 @@ def _version(package: str) -> str | None:
         return None
 
 
+def scoring_tokenizer(scorer, path: str):
+    """bert-score's tokenizer for the model at `path` as bert-score's encode calls and baselines expect it,
+    also for a local copy of a hub model under transformers 5:
+
+    - RoBERTa's and GPT-2's leading space: bert-score asks for it when it encodes (add_prefix_space=True),
+      which transformers 5 honours only when the tokenizer is built, so it is built with it; else "A cat"
+      encodes as <s> A Ġcat instead of <s> ĠA Ġcat, off the baselines (cf. bert_score#147);
+    - a finite model_max_length, the model's context length where the folder sets none
+      (conngeo.models.tokenizer.bound_to_model; bert_score#205)."""
+    from bert_score.utils import GPT2Tokenizer, RobertaTokenizer
+    from transformers import AutoTokenizer
+
+    from ..models.tokenizer import bound_to_model
+
+    tokenizer = scorer._tokenizer
+    if isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer)) and not tokenizer.add_prefix_space:
+        tokenizer = AutoTokenizer.from_pretrained(path, add_prefix_space=True, trust_remote_code=False)
+    return bound_to_model(tokenizer, scorer._model.config)
+
+
 def is_empty(text: str) -> bool:
     return not text or not text.strip()
 
@@ -103,6 +123,7 @@ class BERTScore:
         baseline = os.path.join(os.path.dirname(bert_score.__file__), "rescale_baseline", lang, f"{model}.tsv")
         self.scorer = BERTScorer(model_type=self.path, num_layers=num_layers, idf=idf, lang=lang, device=device,
                                  rescale_with_baseline=rescale_with_baseline, baseline_path=baseline if source else None)
+        self.scorer._tokenizer = scoring_tokenizer(self.scorer, self.path)
         if rescale_with_baseline and not os.path.isfile(self.scorer.baseline_path):
             raise ValueError(f"bert-score has no rescale baseline for {model!r} ({self.scorer.baseline_path}); "
                              "set rescale_with_baseline false or use a model it has one for, e.g. roberta-large")
