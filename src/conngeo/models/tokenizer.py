@@ -1,5 +1,6 @@
 """Tokenizers: the offline word-level tokenizer over a closed caption vocabulary (the toy-food world's
-vocab.txt), and the context length a real tokenizer loaded from a folder is bounded by."""
+vocab.txt), the context length a real tokenizer loaded from a folder is bounded by, and the check that a
+scorer's tokenizer reads the texts it scores."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def bound_to_model(tokenizer, config):
     if tokenizer.model_max_length > LARGE_INTEGER:
         tokenizer.model_max_length = context_length(config)
     return tokenizer
+
+
+def unknown_share(tokenizer, text: str) -> float:
+    """The share of `text`'s tokens (its own: the special tokens a template adds left out) that are the
+    tokenizer's unknown token; 0 for a tokenizer without one (byte-level BPE reads any text)."""
+    unk = tokenizer.unk_token_id
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if unk is None or not ids:
+        return 0.0
+    return sum(i == unk for i in ids) / len(ids)
+
+
+def check_readable(tokenizer, texts, limit: float, who: str) -> None:
+    """Stop where `tokenizer` maps more than `limit` of a text's tokens to its unknown token: a model scoring
+    such a text reads noise (a word-level tokenizer meeting words it was never built for), silently."""
+    for text in dict.fromkeys(texts):
+        share = unknown_share(tokenizer, text)
+        if share > limit:
+            raise ValueError(f"{who}'s tokenizer reads {share:.0%} of the tokens of {text!r} as unknown "
+                             f"({tokenizer.unk_token}), more than {limit:.0%}: its scores would read noise. Score "
+                             "texts in words its vocabulary has (params score.clip_prefix), or another model")

@@ -100,11 +100,13 @@ class BERTScore:
     for the model, e.g. 17 for roberta-large).
     idf: weight tokens by idf computed from each call's references (as bert_score.score does).
     rescale_with_baseline: bert-score's baseline rescaling (lang "en"); needs a model it has a baseline for.
+    max_unknown: a text whose tokens are more than this share unknown to the model's tokenizer stops with
+    an error naming it (conngeo.models.tokenizer.check_readable).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, num_layers: int | None = None, idf: bool = False,
                  rescale_with_baseline: bool = False, batch_size: int = 64, device: str = "cpu", lang: str = "en",
-                 source: str | None = None):
+                 source: str | None = None, max_unknown: float = 0.2):
         import bert_score
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
@@ -116,7 +118,7 @@ class BERTScore:
                                  "set num_layers")
         self.model = model
         self.path = str(source) if source else model_path(model)
-        self.idf = idf
+        self.idf, self.max_unknown = idf, max_unknown
         self.batch_size = batch_size
         # the baseline belongs to the model's name, wherever its weights are loaded from (bert-score looks
         # it up by model_type, the folder, unless told; its hash then says "custom-rescaled")
@@ -197,11 +199,15 @@ class BERTScore:
         score (NaN, counted in "no_reference"): it is left out of means, never scored 0.
         idf_dict: with idf, the weights to use (`idf_weights`); None: those of this call's references.
         """
+        from ..models.tokenizer import check_readable
+
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
         n = len(candidates)
         single = all(isinstance(r, str) for r in references)
         groups = [[r] if isinstance(r, str) else [t for t in r if not is_empty(t)] for r in references]
+        check_readable(self.scorer._tokenizer, [t for t in (*candidates, *(t for g in groups for t in g))
+                                                if not is_empty(t)], self.max_unknown, f"BERTScore ({self.model})")
         no_reference = torch.tensor([not single and not g for g in groups], dtype=torch.bool)
         empty = torch.tensor([is_empty(c) or all(is_empty(t) for t in g) for c, g in zip(candidates, groups)],
                              dtype=torch.bool) & ~no_reference

@@ -115,16 +115,23 @@ class TextEmbeddings:
     looks them up. Embedding every distinct string once, before any score is computed, makes equal
     captions score exactly equal wherever they occur (in another caption set, another batch): batch
     composition changes low-order bits of a forward pass, which fp16 on a GPU would show.
-    `reference` is a CLIPReference with a text tower; the prefix is added here."""
+    `reference` is a CLIPReference with a text tower; the prefix is added here. A text (with its prefix)
+    whose tokens are more than `max_unknown` unknown to the CLIP's tokenizer stops with an error naming it
+    (conngeo.models.tokenizer.check_readable)."""
 
-    def __init__(self, reference, prefix: str = DEFAULT_PREFIX, batch_size: int = 256):
-        self.reference, self.prefix, self.batch_size = reference, prefix, batch_size
+    def __init__(self, reference, prefix: str = DEFAULT_PREFIX, batch_size: int = 256, max_unknown: float = 0.2):
+        self.reference, self.prefix, self.batch_size, self.max_unknown = reference, prefix, batch_size, max_unknown
         self.vectors: dict[str, torch.Tensor] = {}
 
     def add(self, texts: Sequence[str]) -> None:
+        from ..models.tokenizer import check_readable
+
         new = sorted(set(texts) - set(self.vectors))
         if new:
-            emb = self.reference.embed_text(with_prefix(new, self.prefix), batch_size=self.batch_size)
+            prefixed = with_prefix(new, self.prefix)
+            check_readable(self.reference.tokenizer, [t for t, raw in zip(prefixed, new) if not is_empty(raw)],
+                           self.max_unknown, "the scoring CLIP")
+            emb = self.reference.embed_text(prefixed, batch_size=self.batch_size)
             self.vectors.update(zip(new, emb))
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:

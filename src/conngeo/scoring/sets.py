@@ -103,7 +103,8 @@ def chunk_texts(captions: dict[str, Sequence[str]], references: Sequence[Sequenc
 
 
 def score_chunk(items: Sequence[Item], captions: dict[str, Sequence[str]], clip, bert: BERTScore, *,
-                prefix: str, batch_size: int, truth: bool, idf: dict | None = None) -> dict[str, dict[str, list]]:
+                prefix: str, batch_size: int, truth: bool, idf: dict | None = None,
+                max_unknown: float = 0.2) -> dict[str, dict[str, list]]:
     """Score columns of every caption set for the images `items`: set name -> {column: one value per image}.
 
     captions: set name -> one caption per item, "post" among them (the stability reference). clip: a
@@ -114,7 +115,7 @@ def score_chunk(items: Sequence[Item], captions: dict[str, Sequence[str]], clip,
     image_emb = torch.cat([clip.embed([load_image(it.path) for it in items[i:i + batch_size]])
                            for i in range(0, len(items), batch_size)])
     every_text = chunk_texts(captions, references)
-    texts = TextEmbeddings(clip, prefix=prefix, batch_size=4 * batch_size)
+    texts = TextEmbeddings(clip, prefix=prefix, batch_size=4 * batch_size, max_unknown=max_unknown)
     texts.add(every_text)  # every distinct text of the chunk embedded once, before any score
     idf, out = idf or {}, {}
     try:
@@ -243,7 +244,7 @@ class Scored:
 
 def score_sets(out: Path, sets: dict[str, CaptionSet], items: Sequence[Item], clip, bert: BERTScore, *,
                chunk_size: int, batch_size: int, prefix: str, truth: bool, fingerprint: str,
-               desc: str | None = None) -> Scored:
+               max_unknown: float = 0.2, desc: str | None = None) -> Scored:
     """Score every caption set of `sets` ("post" among them) for the images `items` (stem order, each with
     its references), chunk by chunk, resuming from the finished chunks of `fingerprint`; write
     <out>/<set>.csv and <out>/summary.csv; remove a <set>.csv no longer in `sets`. desc: the progress bar's
@@ -269,7 +270,7 @@ def score_sets(out: Path, sets: dict[str, CaptionSet], items: Sequence[Item], cl
                     idf = {"references": bert.idf_weights([it.references for it in items]),
                            "post": bert.idf_weights(sets["post"].captions)}
                 columns = score_chunk(items[a:b], captions, clip, bert, prefix=prefix, batch_size=batch_size,
-                                      truth=truth, idf=idf)
+                                      truth=truth, idf=idf, max_unknown=max_unknown)
                 for name, s in sets.items():
                     columns[name] |= {key: s.perturbation[key][a:b] for key in PERTURBATION if s.perturbation}
                 write_chunk(folder, columns)
