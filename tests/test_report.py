@@ -176,6 +176,9 @@ def test_questions_match_scipy_and_the_verdicts_follow_the_rule():
         line = next(li for li in section.split(f"### {row['model']}")[1].split("### ")[0].splitlines()
                     if li.startswith(f"- {row['geometry']} vs {row['instability']}: "))
         assert line.endswith(f"**{row['verdict']}**") and f"m = {row['m']}" in line
+    # each model's rows link to the examples page's section of their images
+    assert "(examples: [reconstruction](examples/index.html#llava-reconstruction))" in text
+    assert "(examples: [mask](examples/index.html#qwen2_5vl-mask))" in text
     findings = q[q["family"] == "finding"]
     assert (f"**{int((findings['verdict'] == 'distinguishable').sum())} of {len(findings)}** correlations between "
             "geometry and caption instability are distinguishable after adjustment") in text

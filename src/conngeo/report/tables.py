@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
+from .examples import anchor
 from .stats import (bh_cutoff, bh_qvalues, changed_count, spearman_ci, spearman_permutation, strata_ids,
                     verdict_rule, weakest_drop)
 
@@ -371,6 +372,14 @@ def _drop_test(args) -> float:
     return spearman_permutation(x[keep], y[keep], n_perm=n_perm, seed=seed, strata=strata[keep])["p"]
 
 
+def example_sections(rows: pd.DataFrame) -> list[str]:
+    """The examples page's sections (conngeo.report.examples) that show the images behind `rows`: the
+    reconstruction section, or each perturbation mode whose instability the rows correlate with."""
+    if (rows["question"] == "reconstruction").all():
+        return ["reconstruction"]
+    return list(dict.fromkeys(c.removesuffix("_instability") for c in rows["instability"]))
+
+
 def verdict_line(row) -> str:
     """One sentence on one correlation, never without its m, p, q and interval."""
     if math.isnan(row["rho"]):
@@ -417,8 +426,9 @@ def question_text(q: pd.DataFrame, table: list[Measure], n_perm: int, n_boot: in
             continue
         lines += [f"## {title}", "", text, ""]
         for model, r in rows.groupby("model", sort=False):
-            lines += [f"### {model}", "", f"{int((r['verdict'] == 'distinguishable').sum())} of {len(r)} distinguishable.",
-                      ""]
+            links = ", ".join(f"[{name}](examples/index.html#{anchor(model, name)})" for name in example_sections(r))
+            lines += [f"### {model}", "", f"{int((r['verdict'] == 'distinguishable').sum())} of {len(r)} distinguishable "
+                      f"(examples: {links}).", ""]
             lines += [f"- {row['geometry']} vs {row['instability']}: {verdict_line(row)}" for _, row in r.iterrows()]
             lines.append("")
     lines += ["## Measures", ""] + [f"- `{x.name}`: {x.description} ({x.unit})" for x in table]
