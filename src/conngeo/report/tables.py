@@ -14,7 +14,7 @@ Inputs live under one root in the pipeline's layout (the project itself, or a co
                                               the perturbation sets also the image's actual fraction changed
     data/refs/<space>/probes.csv              the probes of each reference space
 
-Every measure is one entry of MEASURES (name, kind, the questions it enters, description, unit, and how it
+Every measure is one entry of `measures()` (name, kind, the questions it enters, description, unit, and how it
 is computed from a model's tables), oriented so that larger = more change (geometry) or more instability
 (captions): a positive correlation then reads "images whose representation changes more get less stable
 captions". The report's per-image series, both questions, the summary and the figures all come from it:
