@@ -80,11 +80,11 @@ def test_every_image_of_a_model_has_the_token_shape_of_its_image_size(rehearsal)
         assert len(reader) == IMAGES
         assert (reader.tokens("pre"), reader.width["pre"]) == pre, model
         assert (reader.tokens("post"), reader.width["post"]) == post, model
-        assert reader.dtype == {"pre": "BF16", "post": "BF16"}  # stored as the model computed them
+        assert reader.dtype == {"pre": "F32", "post": "F32"}  # as the model computed them (float32 here)
 
 
 def test_captions_from_the_stored_post_equal_native_generation(rehearsal):
-    """The captions stage generates from the stored (bf16) E_post: native generation from the pixels gives
+    """The captions stage generates from the stored E_post: native generation from the pixels gives
     the same token ids and first-step logits as generation from the stored E_post, and the same captions as
     the stage wrote, in every family; and the settings are recorded (plain greedy, stop tokens)."""
     from conngeo.captions import read_table

@@ -81,7 +81,7 @@ def vlm(request, rehearsal_checkpoints, photos):
     name = request.param
     entry, size = CHECKPOINTS[name], VLMS[name][0]
     folder = rehearsal_checkpoints[name]
-    adapter = load_adapter(entry["family"], folder, revision=entry["revision"], dtype="bfloat16", prompt=PROMPT,
+    adapter = load_adapter(entry["family"], folder, revision=entry["revision"], dtype="float32", prompt=PROMPT,
                            image_size=size, hub=entry["hub"])
     yield name, entry, folder, adapter, adapter.encode(photos)
     del adapter
