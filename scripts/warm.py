@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "--serve":
         return serve(argv[1])
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print("usage: python scripts/warm.py STAGE_SCRIPT [ARGS]...\n\n" + __doc__)
         return
     if os.environ.get("CONNGEO_WARM") == "0" or not hasattr(os, "fork"):
         run_here(argv)

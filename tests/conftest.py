@@ -112,6 +112,18 @@ def rehearsal_checkpoints(tmp_path_factory) -> dict[str, Path]:
             for name, entry in real_checkpoints().items()}
 
 
+def place_checkpoints(checkpoints: dict[str, Path], repo: Path) -> None:
+    """Put the rehearsal checkpoints where the downloads go, data/models/real/<name>: hard links, no copies."""
+    for name, folder in checkpoints.items():
+        for path in folder.rglob("*"):
+            target = repo / "data/models/real" / name / path.relative_to(folder)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, target)
+
+
 # -- stage scripts in this process ----------------------------------------------------------------------
 
 class Stages:

@@ -5,13 +5,12 @@ of five sizes and aspect ratios imported from a COCO-format fixture with several
 real `dvc repro` from extract to report."""
 
 import json
-import os
 import sys
 
 import pytest
 import yaml
 
-from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, run
+from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, place_checkpoints, run
 from conngeo.models.rehearsal import build_photos
 
 pytestmark = pytest.mark.e2e
@@ -49,14 +48,7 @@ def rehearsal(tmp_path_factory, rehearsal_checkpoints):
     coco_fixture(coco)
     run(sys.executable, "scripts/import_coco.py", "--captions", coco / "captions.json", "--images", coco / "val2014",
         "--instances", coco / "instances.json", "--out", "data/images/coco", "--shard-size", "4", cwd=repo)
-    for name, folder in rehearsal_checkpoints.items():  # where the download puts them: hard links, no copies
-        for path in folder.rglob("*"):
-            target = repo / "data/models/real" / name / path.relative_to(folder)
-            if path.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(path, target)
+    place_checkpoints(rehearsal_checkpoints, repo)  # where the download puts them
     for profile in (ROOT / "profiles/real.yaml", ROOT / "tests/fixtures/rehearsal.yaml"):
         run(sys.executable, "scripts/apply_profile.py", profile, "--write", cwd=repo)
     run("git", "add", "-A", cwd=repo)

@@ -5,7 +5,6 @@ them, and every command of the walkthrough run as written that needs neither the
 
 import csv
 import json
-import os
 import re
 import shlex
 import sys
@@ -13,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, run
+from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, place_checkpoints, run
 from conngeo.data.images import scan
 from conngeo.models.rehearsal import build_photos
 
@@ -66,14 +65,7 @@ def project(tmp_path_factory, rehearsal_checkpoints):
     data/models/real (hard links to the rehearsal's)."""
     repo = copy_project(tmp_path_factory.mktemp("trial") / "repo")
     coco_download(repo / "data" / "coco")
-    for name, folder in rehearsal_checkpoints.items():
-        for path in folder.rglob("*"):
-            target = repo / "data/models/real" / name / path.relative_to(folder)
-            if path.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(path, target)
+    place_checkpoints(rehearsal_checkpoints, repo)
     return repo
 
 
