@@ -40,10 +40,17 @@ def git(*args: str) -> str:
 
 
 def experiment_ref(name: str) -> str | None:
-    """The ref of experiment `name` on this commit (dvc keeps refs/exps/<sha[:2]>/<sha[2:]>/<name>)."""
-    head = git("rev-parse", "HEAD").strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
-    return ref if git("for-each-ref", ref).strip() else None
+    """The ref of experiment `name` on this commit, or on the latest earlier commit whose dvc.lock is this
+    one's (commits since then changed nothing the study runs: docs, tests). dvc keeps
+    refs/exps/<sha[:2]>/<sha[2:]>/<name>."""
+    lock = git("rev-parse", "HEAD:dvc.lock").strip()
+    for commit in git("rev-list", "HEAD").split():
+        if git("rev-parse", f"{commit}:dvc.lock").strip() != lock:
+            return None
+        ref = f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
+        if git("for-each-ref", ref).strip():
+            return ref
+    return None
 
 
 def experiment_params(ref: str) -> dict:
