@@ -1,8 +1,9 @@
 """The front door: every entry point answers --help, and the commands the README shows exist and run.
 
 The README's heavy commands run elsewhere: `make study` is the CI's end-to-end repro (test_pipeline), the
-quick path on sample/ is test_report's `sample_report`, the trial is test_trial, the replicates script is
-test_compare, Slurm is test_slurm. Here: the cheap ones, run as written.
+quick path on sample/ is test_report's `sample_report`, the trial is test_trial, the replicates'
+library and compare_runs.py are test_compare (scripts/replicates.py itself only answers --help here), Slurm is
+test_slurm. Here: the cheap ones, run as written.
 """
 
 from __future__ import annotations
