@@ -17,8 +17,8 @@ import typer
 
 from conngeo.captions import generate_captions
 from conngeo.data import toyworld
-from conngeo.models import adapter_class
-from conngeo.models.tokenizer import build_tokenizer
+from conngeo.families import adapter_class
+from conngeo.zoo.tokenizer import build_tokenizer
 
 app = typer.Typer(add_completion=False)
 

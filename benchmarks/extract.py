@@ -17,8 +17,8 @@ import typer
 from conngeo.data import toyworld
 from conngeo.data.images import load_image, scan
 from conngeo.extraction import extract
-from conngeo.models import adapter_class, load_adapter
-from conngeo.models.tokenizer import build_tokenizer
+from conngeo.families import adapter_class, load_adapter
+from conngeo.zoo.tokenizer import build_tokenizer
 
 app = typer.Typer(add_completion=False)
 

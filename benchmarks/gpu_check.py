@@ -1,7 +1,7 @@
 """GPU check: the real study's four VLMs at their real architectures (random weights, bf16) on one GPU.
 
 What the CPU rehearsal (tests/test_rehearsal.py) checks, at full depth and speed: each model is built
-from the real checkpoint's values (tests/fixtures/real_checkpoints.yaml, conngeo.models.rehearsal)
+from the real checkpoint's values (tests/fixtures/real_checkpoints.yaml, conngeo.rehearsal)
 directly on the GPU, with the real processor settings, chat template and stop tokens, wrapped in the
 study's adapter at profiles/real.yaml's image size, and run on photographs of mixed sizes and aspect
 ratios. Per model it asserts, and stops at the first failure:
@@ -31,9 +31,9 @@ import yaml
 from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import VectorReader, resolve_dtype
 from conngeo.extraction import extract
-from conngeo.models import adapter_class
-from conngeo.models.base import same_generation
-from conngeo.models.rehearsal import build_model, build_photos, real_checkpoints
+from conngeo.families import adapter_class
+from conngeo.families.base import same_generation
+from conngeo.rehearsal import build_model, build_photos, real_checkpoints
 from conngeo.recon import Normalizer, ReconConfig, TrainSettings, split_by_stem, train_reconstructor
 
 ROOT = Path(__file__).resolve().parents[1]

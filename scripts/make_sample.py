@@ -56,7 +56,7 @@ def main(project: Path, out: Path = typer.Option(Path("sample"), help="the sampl
         order = pd.concat([split[split["split"] == "test"], split[split["split"] != "test"]])["stem"]
         stems = set(order[:images] if images else order)
         wanted |= stems
-        per_image = [layout.data("knn", model, project) / "per_image.csv",
+        per_image = [layout.data("geometry", model, project) / "per_image.csv",
                      layout.data("recon_eval", model, project) / "per_image.csv",
                      layout.data("captions", model, project) / "captions.csv",
                      *[p for p in sorted(layout.data("scores", model, project).glob("*.csv")) if p.name != "summary.csv"]]
@@ -68,19 +68,19 @@ def main(project: Path, out: Path = typer.Option(Path("sample"), help="the sampl
         neighbours = examples.read_neighbours(project, model)
         if neighbours is not None:  # and the neighbours the page shows: the images of the largest and smallest change
             neighbours = neighbours[neighbours.index.isin(stems)]
-            neighbours.to_csv(layout.data("knn", model, out) / "neighbours.csv")
-            knn = pd.read_csv(layout.data("knn", model, out) / "per_image.csv", dtype={"stem": str}).set_index("stem")
-            k = params["report"]["k"] or max(json.loads(layout.details("knn", model, project).read_text())["ks"])
-            change = 1.0 - knn.loc[knn.index.isin(neighbours.index), f"knor_pre_post@{k}"]  # as stages/report.py
+            neighbours.to_csv(layout.data("geometry", model, out) / "neighbours.csv")
+            geometry = pd.read_csv(layout.data("geometry", model, out) / "per_image.csv", dtype={"stem": str}).set_index("stem")
+            k = params["report"]["k"] or max(json.loads(layout.details("geometry", model, project).read_text())["ks"])
+            change = 1.0 - geometry.loc[geometry.index.isin(neighbours.index), f"knor_pre_post@{k}"]  # as stages/report.py
             for stem in sum(examples.extremes(change, shown["neighbourhoods"]), []):
                 wanted |= set(sum(examples.neighbour_lists(neighbours, stem, shown["neighbours"]), []))
         else:
-            typer.echo(f"make_sample: {model}: no neighbours table (rerun `dvc repro knn@{model}`); the sample's page "
+            typer.echo(f"make_sample: {model}: no neighbours table (rerun `dvc repro geometry@{model}`); the sample's page "
                        "will say so")
-        for path in (layout.data("knn", model, project) / "probes.csv",
+        for path in (layout.data("geometry", model, project) / "probes.csv",
                      layout.data("recon_eval", model, project) / "patch_loss.csv",
                      layout.data("scores", model, project) / "summary.csv",
-                     layout.details("knn", model, project), layout.details("recon_eval", model, project)):
+                     layout.details("geometry", model, project), layout.details("recon_eval", model, project)):
             if path.is_file():
                 copy(path, out / path.relative_to(project))
     found = examples.find_images(project / root)

@@ -92,8 +92,8 @@ def run_stage(stage: str, model: str, work: Path) -> float:
 def score_fixed(params: dict, work: Path) -> float:
     """Seconds score spends outside its work on the photographs: the start of its script, and loading the CLIP
     and RoBERTa it scores with (loaded here once more, as stages/score.py loads them)."""
-    from conngeo.models.base import checked_folder
-    from conngeo.models.references import load_reference
+    from conngeo.families.base import checked_folder
+    from conngeo.references import load_reference
     from conngeo.scoring import BERTScore
 
     start = time.perf_counter()

@@ -1,18 +1,20 @@
-"""Run a stage script in a warm interpreter: `python scripts/warm.py stages/knn.py --model llava`.
+"""Run a stage script in a warm interpreter: `python scripts/warm.py stages/geometry.py --model llava`.
 
-Every stage is a fresh `python` process, and before its work starts it spends 1.5-3 s importing torch,
-transformers and the model families' modules: over the 74 stages of the default study that is minutes. This
-wrapper hands the script to a server that has imported those libraries once and forks a child per script:
-the child takes this process's arguments, working directory, environment and stdin/stdout/stderr, imports
-the project's own code fresh and runs the script as `python script args` would; this process forwards
-SIGINT/SIGTERM to it and exits with its exit status, and when this process dies (SIGKILL) the child kills
-itself. The results are the same: the same code runs on the same libraries, only their import is shared.
+Every stage is a fresh `python` process, and before its work starts it imports torch, transformers and the
+model families' modules (benchmarks/stage_overhead.py measures how long): over the stages of the default
+study that adds up. This wrapper hands the script to a server that has imported those libraries once and
+forks a child per script: the child takes this process's arguments, working directory, environment and
+stdin/stdout/stderr, imports the project's own code fresh and runs the script as `python script args` would;
+this process forwards SIGINT/SIGTERM to it and exits with its exit status, and when this process dies
+(SIGKILL) the child kills itself. The results are the same: the same code runs on the same libraries, only
+their import is shared.
 
-The server imports third-party libraries only (PRELOAD), never conngeo or the stage scripts, so an edited
-source file is always the one that runs. It is keyed by the interpreter and the environment (a changed
-variable gets a server of its own), listens on a socket that only this user can open, and exits IDLE seconds
-after its last script ended. When it is not running yet, the script runs here directly while the server starts
-in the background for the next one; with CONNGEO_WARM=0, or where there is no fork (Windows), always.
+The server imports third-party libraries only (PRELOAD; the families' transformers modules come from
+conngeo/families/registry.py, read as data), never conngeo or the stage scripts, so an edited source file is
+always the one that runs. It is keyed by the interpreter and the environment (a changed variable gets a
+server of its own), listens on a socket that only this user can open, and exits IDLE seconds after its last
+script ended. When it is not running yet, the script runs here directly while the server starts in the
+background for the next one; with CONNGEO_WARM=0, or where there is no fork (Windows), always.
 """
 
 import gc
@@ -30,10 +32,12 @@ import threading
 import time
 
 IDLE = 30  # seconds a server waits for the next script
+# the model families' transformers modules, from their registry (plain data: read without importing conngeo)
+REGISTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "conngeo", "families", "registry.py")
+FAMILY_MODULES = tuple(m for _, modules in runpy.run_path(REGISTRY)["FAMILIES"].values() for m in modules)
 PRELOAD = ("numpy", "torch", "transformers", "transformers.modeling_utils", "transformers.generation",
-           "transformers.models.llava.modeling_llava", "transformers.models.idefics2.modeling_idefics2",
-           "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "transformers.models.qwen3_5.modeling_qwen3_5",
-           "transformers.models.clip.modeling_clip", "transformers.models.siglip.modeling_siglip",
+           *FAMILY_MODULES,
+           "transformers.models.clip.modeling_clip", "transformers.models.siglip.modeling_siglip",  # zoo, references
            "transformers.models.dinov2.modeling_dinov2", "transformers.models.roberta.modeling_roberta",
            "tokenizers", "safetensors.torch", "PIL.Image", "pandas", "scipy.stats", "typer", "yaml", "tqdm",
            "dvclive", "bert_score", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "sklearn.linear_model",

@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from conngeo import interrupt
-from conngeo.digest import folder_digest
+from conngeo.resume import folder_digest, write_json  # noqa: F401 (the stages' write_json)
 
 PARAMS = Path("params.yaml")
 PROJECT = Path(__file__).resolve().parents[1]
@@ -55,13 +55,13 @@ def run(app) -> None:
 SPEC_KEYS = ("family", "source", "hub", "revision", "dtype", "prompt", "image_size")
 
 
-def write_json(path: Path, value) -> None:
-    """`value` as indented JSON at `path`, through a temporary name (a half-written file never looks done)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
+def use_threads(threads: int | None) -> None:
+    """torch's CPU threads (params `threads`; None: torch's choice). The count can change the last bits of a
+    result (a sum split over more threads adds in another order), so it is a param, never a command-line option."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def write_timings(stage: str, name: str, **seconds: float) -> None:
@@ -118,7 +118,7 @@ def checkpoint_spec(where: str, entry: dict, keys) -> dict:
     """The checkpoint fields `keys` of a registry entry, checked: a hub checkpoint is pinned by its full
     40-character revision (a short hash resolves offline only if the download used that exact string). A
     checkpoint without one (hub null: the tiny zoo, a folder of your own) gets the digest of its files
-    (conngeo.digest; None while the folder is missing), so that a folder retrained in place is another spec."""
+    (conngeo.resume; None while the folder is missing), so that a folder retrained in place is another spec."""
     missing = [k for k in keys if k not in entry]
     if missing:
         raise SystemExit(f"params.yaml {where}: missing {missing}; every entry names {list(keys)}")
@@ -143,15 +143,13 @@ def model_spec(name: str, params: dict) -> dict:
     return spec
 
 
-def extraction_spec(name: str, params: dict, dtype: str | None = None) -> dict:
-    """What the extraction of model `name` is fingerprinted by: its model_spec (`dtype` overriding the
-    registry's), the storage dtype, and the image processor its checkpoint loads with on this machine
-    (Adapter.processor_info: class and backend), so that parts made where another backend loads are
-    never reused."""
-    from conngeo.models import adapter_class
+def extraction_spec(name: str, params: dict) -> dict:
+    """What the extraction of model `name` is fingerprinted by: its model_spec, the storage dtype, and the
+    image processor its checkpoint loads with on this machine (Adapter.processor_info: class and backend), so
+    that parts made where another backend loads are never reused."""
+    from conngeo.families import adapter_class
 
     spec = model_spec(name, params)
-    spec["dtype"] = dtype or spec["dtype"]
     spec["store_dtype"] = params["extract"]["store_dtype"] or spec["dtype"]
     spec["processor"] = adapter_class(spec["family"]).processor_info(spec["source"], spec["revision"], spec["hub"])
     return spec
@@ -159,7 +157,7 @@ def extraction_spec(name: str, params: dict, dtype: str | None = None) -> dict:
 
 def load_model(spec: dict, device: str):
     """The adapter of a `model_spec`, on `device`."""
-    from conngeo.models import (
+    from conngeo.families import (
         load_adapter,  # here: a stage that only joins parts never imports the families
     )
 
@@ -179,7 +177,7 @@ def reference_spec(name: str, params: dict) -> dict:
 
 
 def load_reference_model(spec: dict, device: str):
-    from conngeo.models.references import load_reference
+    from conngeo.references import load_reference
 
     return load_reference(spec["kind"], spec["source"], revision=spec["revision"], device=device,
                           dtype=spec["dtype"], pooling=spec["pooling"], hub=spec["hub"])

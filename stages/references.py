@@ -16,7 +16,7 @@ from conngeo.data.images import decode, scan
 from conngeo.data.targets import probe_targets
 from conngeo.data.vectors import read_embeddings, write_embeddings
 from conngeo.geometry import probe_table
-from conngeo.models.references import attribute_embedding
+from conngeo.references import attribute_embedding
 
 app = typer.Typer(add_completion=False)
 
@@ -59,7 +59,7 @@ def main(
     stems, emb = read_embeddings([out / shard for shard in folder.shards])
     targets = probe_targets(root, stems)
     columns = ["space", "target", "kind", "seed", "metric", "score", "chance", "n"]
-    probes = pd.DataFrame(probe_table({space: emb}, targets, seeds=params["knn"]["probe_seeds"]) if targets else [],
+    probes = pd.DataFrame(probe_table({space: emb}, targets, seeds=params["geometry"]["probe_seeds"]) if targets else [],
                           columns=columns)
     probes[columns].to_csv(out / "probes.csv", index=False, float_format="%.6g")
     typer.echo(f"references: {space}: {written} images from {root} -> {out}; {len(targets)} probe targets")

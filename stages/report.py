@@ -37,7 +37,7 @@ def main(
     bootstrap: int = typer.Option(None, help="bootstrap resamples (default: params report.bootstrap)"),
     permutations: int = typer.Option(None, help="permutations per test (default: params report.permutations)"),
 ):
-    """Figures, summary tables and the two questions' correlations from the knn, recon_eval, captions and score outputs."""
+    """Figures, summary tables and the two questions' correlations from the geometry, recon_eval, captions and score outputs."""
     start = time.perf_counter()
     if not (inputs / "params.yaml").is_file():
         raise SystemExit(f"{inputs / 'params.yaml'}: not found; --inputs is the project root or a sample folder "
@@ -52,7 +52,7 @@ def main(
         data = {m: tables.load_model(inputs, m, [f"{mode}_{lv}" for mode in modes for lv in levels]) for m in models}
         references = pd.concat([tables.read_csv(layout.data("refs", space, inputs) / "probes.csv", index=None)
                                 for space in params["references"]["spaces"]] or [pd.DataFrame()], ignore_index=True)
-        k = cfg["k"] or max(data[models[0]].knn_metrics["ks"])  # the largest k the knn stage computed (clipped)
+        k = cfg["k"] or max(data[models[0]].geometry_metrics["ks"])  # the largest k the geometry stage computed (clipped)
         fractions = {mode: tables.common_fraction(data, mode, levels, cfg["max_fraction"]) for mode in modes}
         measures = tables.measures(modes, levels)
         covariates = tables.read_csv(layout.covariates(inputs))
@@ -121,7 +121,7 @@ def main(
         figures.probes(probes, fig / "probes.png")
     else:
         note_figure(fig / "probes.png", "no ground truth for this image root (attributes.csv / objects.csv): no probes")
-    kinds = connectors.connector_kinds(params, {m: d.knn_metrics.get("connector") for m, d in data.items()})
+    kinds = connectors.connector_kinds(params, {m: d.geometry_metrics.get("connector") for m, d in data.items()})
     if kinds:  # connector experiments: each kind on its base's encoder and language model
         table = connectors.connector_table(summary, kinds, k, modes)
         rho = connectors.geometry_vs_stability(table, k, modes)

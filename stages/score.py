@@ -26,8 +26,8 @@ from conngeo import layout
 from conngeo.captions.inputs import match_images
 from conngeo.captions.parts import fingerprint
 from conngeo.data.images import scan
-from conngeo.models.base import checked_folder
-from conngeo.models.references import load_reference
+from conngeo.families.base import checked_folder
+from conngeo.references import load_reference
 from conngeo.scoring import CLIPSCORE_WEIGHT, BERTScore, caption_sets, score_sets
 
 app = typer.Typer(add_completion=False)

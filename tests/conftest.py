@@ -60,7 +60,7 @@ def tiny_project(root: Path, name: str, family: str, images_per_shard: int, batc
     """A project folder for stage scripts run in place: the stages, two shards of toy images, one tiny
     model of `family` saved as `name`, and the params (returned, for the caller to adjust and write)."""
     from conngeo.data import toyworld
-    from conngeo.models import adapter_class
+    from conngeo.families import adapter_class
     from models_helpers import toy_tokenizer
 
     shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
@@ -93,7 +93,7 @@ def smoke_project(tmp_path_factory) -> Path:
     return repo
 
 
-# -- the real checkpoints, rehearsed (conngeo.models.rehearsal) ---------------------------------------------
+# -- the real checkpoints, rehearsed (conngeo.rehearsal) ---------------------------------------------
 
 REHEARSAL_PROMPT = "Describe the image in one short sentence."
 REHEARSAL_CAPTIONS = ["A dog sleeps on a red sofa.", "Two cats play on the floor.", "A plate of food on a table.",
@@ -105,7 +105,7 @@ REHEARSAL_CAPTIONS = ["A dog sleeps on a red sofa.", "Two cats play on the floor
 def rehearsal_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Every real checkpoint of the real profile, rehearsed (full width, random weights, one layer per tower),
     built once per test session: name -> folder (as `hf download --local-dir` leaves it)."""
-    from conngeo.models.rehearsal import build_checkpoint, real_checkpoints
+    from conngeo.rehearsal import build_checkpoint, real_checkpoints
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: build_checkpoint(entry, root / name, layers=1, words=[REHEARSAL_PROMPT, *REHEARSAL_CAPTIONS])

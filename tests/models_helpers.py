@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conngeo.data.toyworld import caption, make_image, vocabulary
-from conngeo.models.tokenizer import build_tokenizer
+from conngeo.zoo.tokenizer import build_tokenizer
 
 IMAGE_SIZE = 48
 

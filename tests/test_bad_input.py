@@ -52,7 +52,7 @@ from conngeo.data.vectors import (
     write_shard,
 )
 from conngeo.extraction import extract, verify
-from conngeo.models import adapter_class
+from conngeo.families import adapter_class
 from conngeo.recon.data import read_split, write_split
 from conngeo.report.tables import read_csv
 from models_helpers import DiesAfter, Interrupted, toy_tokenizer

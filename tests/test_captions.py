@@ -9,7 +9,7 @@ from PIL import Image
 from conngeo.captions import (PerturbedPosts, captions_from_recon, generate_captions, low_rank, mask_order, mask_tokens,
                               masked_count, perturb, perturbation_size, read_table, relative_change,
                               removed_rank, write_table)
-from conngeo.models import adapter_class
+from conngeo.families import adapter_class
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 MAX_NEW_TOKENS = 6

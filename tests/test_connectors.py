@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conngeo.digest import folder_digest
-from conngeo.models import MissingCheckpointError, adapter_class, load_adapter
-from conngeo.models.variant import ConnectorVariant, build_connector, parse_kind, resize_image_runs
-from conngeo.models.zoo import train_captioner
+from conngeo.resume import folder_digest
+from conngeo.families import MissingCheckpointError, adapter_class, load_adapter
+from conngeo.families.variant import ConnectorVariant, build_connector, parse_kind, resize_image_runs
+from conngeo.zoo.captioner import train_captioner
 from conngeo.report import connectors
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 

@@ -1,4 +1,4 @@
-"""A checkpoint without a hub revision is named by the digest of its files (conngeo.digest), so that a
+"""A checkpoint without a hub revision is named by the digest of its files (conngeo.resume), so that a
 folder retrained in place is never taken for the old one: its finished vectors are extracted again, and a
 connector variant trained on the old base refuses the new one."""
 
@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import Stages, tiny_project
-from conngeo.digest import folder_digest
-from conngeo.models import adapter_class
-from conngeo.models.variant import ConnectorVariant
+from conngeo.resume import folder_digest
+from conngeo.families import adapter_class
+from conngeo.families.variant import ConnectorVariant
 from models_helpers import toy_tokenizer
 
 

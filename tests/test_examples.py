@@ -160,7 +160,7 @@ def study(tmp_path: Path, stems: list[str], image_size=(20, 14), models=("m1", "
         table = pd.DataFrame({"stem": stems, **{f"{side}_{j + 1}": [stems[(i + j + 1 + (side == "post")) % n]
                                                                     for i in range(n)]
                                                 for side in ("pre", "post") for j in range(3)}})
-        path = layout.data("knn", model, tmp_path) / "neighbours.csv"
+        path = layout.data("geometry", model, tmp_path) / "neighbours.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(path, index=False)
         neighbours[model] = examples.read_neighbours(tmp_path, model)
@@ -230,7 +230,7 @@ def test_page_degrades_where_neighbours_or_images_are_missing(tmp_path):
     (args["image_root"] / "shard000" / f"{gone}.png").unlink()
     html = examples.write_page(tmp_path / "b", **args).read_text()
     parsed = Tags(html)
-    assert "no neighbours table" in html and "dvc repro knn@m2" in html
+    assert "no neighbours table" in html and "dvc repro geometry@m2" in html
     assert f"are not under {args['image_root']}" in html and gone in html
     assert parsed.all("span", "missing") and gone not in {i["alt"] for i in parsed.all("img")}
     # without any image root the page still has every section, each with a row
@@ -277,7 +277,7 @@ def test_knn_stage_writes_each_images_nearest_neighbours_by_stem(tmp_path):
     write_shard(tmp_path / "data/vectors/m/shard000", stems, pre, post)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["references"]["spaces"] = {}
-    params["knn"].update(ks=[3, 5], neighbours=4)
+    params["geometry"].update(ks=[3, 5], neighbours=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "knn.py"), "--model", "m"], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -307,7 +307,7 @@ def test_make_sample_carries_the_images_its_page_shows(tmp_path):
     rng, pool = np.random.default_rng(0), stems[:40]  # every neighbour among the first 40 images
     for model in params["models"]:
         nearest = {f"{side}_{j + 1}": rng.choice(pool, len(stems)) for side in ("pre", "post") for j in range(10)}
-        pd.DataFrame({"stem": stems, **nearest}).to_csv(layout.data("knn", model, project) / "neighbours.csv",
+        pd.DataFrame({"stem": stems, **nearest}).to_csv(layout.data("geometry", model, project) / "neighbours.csv",
                                                         index=False)
     out = tmp_path / "sample"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/make_sample.py"), str(project), "--out", str(out),
@@ -319,7 +319,7 @@ def test_make_sample_carries_the_images_its_page_shows(tmp_path):
     # the page of the sample, as stages/report.py builds it
     sets = [f"{mode}_{lv}" for mode in params["perturb"]["modes"] for lv in params["perturb"]["levels"]]
     data = {m: tables.load_model(out, m, sets) for m in params["models"]}
-    k = max(data["llava"].knn_metrics["ks"])
+    k = max(data["llava"].geometry_metrics["ks"])
     fractions = {mode: tables.common_fraction(data, mode, params["perturb"]["levels"], 0.5)
                  for mode in params["perturb"]["modes"]}
     covariates = tables.read_csv(layout.covariates(out))

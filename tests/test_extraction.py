@@ -8,7 +8,7 @@ from conngeo.data import toyworld
 from conngeo.data.images import load_image, scan
 from conngeo.data.vectors import read_shard
 from conngeo.extraction import assign, extract, verify
-from conngeo.models import adapter_class
+from conngeo.families import adapter_class
 from models_helpers import DiesAfter, Interrupted, toy_tokenizer
 
 SPEC = {"family": "qwen2.5vl", "source": "test", "revision": None, "dtype": "float32", "prompt": ""}
@@ -133,7 +133,7 @@ def test_vectors_of_another_image_processor_are_not_reused(adapter, items, tmp_p
 
 def test_processor_info_is_what_load_gives(tmp_path):
     """Adapter.processor_info reads the processor alone, and names the class and backend that loading gives."""
-    from conngeo.models.base import image_processor_info
+    from conngeo.families.base import image_processor_info
 
     cls = adapter_class("llava")
     cls.tiny(toy_tokenizer(cls.special_tokens), 48, seed=0).save(tmp_path / "llava")

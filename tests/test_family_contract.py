@@ -1,4 +1,4 @@
-"""The adapter contract, once over every registered family (conngeo.models.families()), on tiny random
+"""The adapter contract, once over every registered family (conngeo.families.families()), on tiny random
 models of the real transformers classes. What a stage relies on, whatever the family:
 
 - the hook's E_post is what the model itself computes (its own get_image_features);
@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conngeo.models import MissingCheckpointError, adapter_class, families, load_adapter
-from conngeo.models.base import same_generation
+from conngeo.families import MissingCheckpointError, adapter_class, families, load_adapter
+from conngeo.families.base import same_generation
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = sorted(f for f in families() if f != "variant")  # a variant needs a base: tests/test_connectors.py

@@ -1,4 +1,4 @@
-"""A fifth family is one file. A family module written into a temporary package (not conngeo.models) is
+"""A fifth family is one file. A family module written into a temporary package (not conngeo.families) is
 imported, which registers it; the study's own stage scripts then run a model of that family through
 extract, knn, recon, recon_export and captions at smoke size, with no other change: no stage or
 library module names a family, and what they need to know of one (its token layout, its connector's
@@ -17,9 +17,9 @@ from conftest import Stages, tiny_project
 from conngeo.data.vectors import VectorReader
 
 # the whole family: here a LLaVA-architecture model under a name of its own, with its own connector
-# kind (a real new family wraps its own transformers class the same way: see conngeo/models/llava.py)
+# kind (a real new family wraps its own transformers class the same way: see conngeo/families/llava.py)
 FAMILY_FILE = '''
-from conngeo.models.llava import LlavaAdapter
+from conngeo.families.llava import LlavaAdapter
 
 
 class MiniLlavaAdapter(LlavaAdapter):
@@ -39,7 +39,7 @@ def project(tmp_path_factory):
     importlib.import_module("extra_families.minillava")  # importing the file registers the family
     params = tiny_project(root, "mini", "minillava", images_per_shard=12, batch_size=8)
     params["references"]["spaces"] = {}
-    params["knn"].update(ks=[3, 5])
+    params["geometry"].update(ks=[3, 5])
     params["recon"].update(hidden_size=16, num_layers=1, num_heads=2, epochs=2, patience=2, batch_size=8, warmup=2)
     params["captions"].update(max_new_tokens=4, batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conngeo.models import adapter_class, load_adapter
-from conngeo.models.idefics2 import FAKE_IMAGE, IMAGE, Idefics2Adapter
+from conngeo.families import adapter_class, load_adapter
+from conngeo.families.idefics2 import FAKE_IMAGE, IMAGE, Idefics2Adapter
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 LATENTS = 16

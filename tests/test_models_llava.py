@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conngeo.models import adapter_class
-from conngeo.models.llava import IMAGE, LlavaAdapter
+from conngeo.families import adapter_class
+from conngeo.families.llava import IMAGE, LlavaAdapter
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 

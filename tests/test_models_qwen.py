@@ -11,8 +11,8 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from conngeo.models import adapter_class, families
-from conngeo.models.qwen2_5_vl import IMAGE_PAD, raster_order
+from conngeo.families import adapter_class, families
+from conngeo.families.qwen2_5_vl import IMAGE_PAD, raster_order
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = ["qwen2.5vl", "qwen3.5"]

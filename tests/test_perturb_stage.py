@@ -21,7 +21,8 @@ from conngeo import interrupt
 from conngeo.captions import sweep
 from conngeo.data.images import scan
 from conngeo.data.vectors import VectorReader, shard_folders
-from conngeo.models import load_adapter, pretrain
+from conngeo.families import load_adapter
+from conngeo.zoo import pretrain
 from models_helpers import toy_tokenizer
 
 LEVELS = [0.01, 0.02, 0.25, 0.5]  # the tiny LLaVA has 36 tokens per image: 1, 1, 9 and 18 tokens masked

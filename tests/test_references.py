@@ -5,11 +5,11 @@ import torch
 from transformers import CLIPVisionModelWithProjection
 
 from conngeo.data import toyworld
-from conngeo.models import pretrain
-from conngeo.models.base import MissingCheckpointError
-from conngeo.models.references import (CLIPReference, DinoReference, attribute_embedding,
+from conngeo.zoo import pretrain
+from conngeo.families.base import MissingCheckpointError
+from conngeo.references import (CLIPReference, DinoReference, attribute_embedding,
                                        attribute_feature_names, load_reference)
-from conngeo.models.tokenizer import build_tokenizer
+from conngeo.zoo.tokenizer import build_tokenizer
 
 SIZE = 16
 TINY = dict(patch_size=8, hidden_size=32, num_layers=1)

@@ -1,6 +1,6 @@
 """The real study, rehearsed end to end without a GPU or a download: the real profile (profiles/real.yaml)
 with every model and reference on a random-weight checkpoint of its real architecture at full width
-(conngeo.models.rehearsal, one layer per tower) where `hf download --local-dir` would put it, photographs
+(conngeo.rehearsal, one layer per tower) where `hf download --local-dir` would put it, photographs
 of five sizes and aspect ratios imported from a COCO-format fixture with several references each, and the
 real `dvc repro` from extract to report."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, place_checkpoints, run
-from conngeo.models.rehearsal import build_photos
+from conngeo.rehearsal import build_photos
 
 pytestmark = pytest.mark.e2e
 
@@ -82,8 +82,8 @@ def test_captions_from_the_stored_post_equal_native_generation(rehearsal):
     from conngeo.captions import read_table
     from conngeo.data.images import load_image, scan
     from conngeo.data.vectors import VectorReader
-    from conngeo.models import load_adapter
-    from conngeo.models.base import same_generation
+    from conngeo.families import load_adapter
+    from conngeo.families.base import same_generation
 
     params = yaml.safe_load((rehearsal / "params.yaml").read_text())
     items = {it.stem: it for it in scan(rehearsal / "data/images/coco").items}

@@ -1,4 +1,4 @@
-"""The real-checkpoint path, rehearsed: rehearsal checkpoints (conngeo.models.rehearsal: the real
+"""The real-checkpoint path, rehearsed: rehearsal checkpoints (conngeo.rehearsal: the real
 architectures at full width with random weights and one layer per tower, the real files' config /
 processor / generation values and chat templates, laid out as `hf download --local-dir` leaves them)
 load and run through the study's own code: load_adapter, load_reference, BERTScore.
@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from conngeo.models import MissingCheckpointError, load_adapter
-from conngeo.models.base import SAMPLING_KEYS, downloaded_revision, same_generation
-from conngeo.models.references import load_reference
-from conngeo.models.rehearsal import build_checkpoint, build_photos, real_checkpoints
+from conngeo.families import MissingCheckpointError, load_adapter
+from conngeo.families.base import SAMPLING_KEYS, downloaded_revision, same_generation
+from conngeo.references import load_reference
+from conngeo.rehearsal import build_checkpoint, build_photos, real_checkpoints
 from conngeo.scoring import BERTScore
 from conftest import REHEARSAL_PROMPT as PROMPT
 

@@ -10,8 +10,8 @@ import torch
 from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_score
 
 from conngeo.data.toyworld import caption_truth
-from conngeo.models import pretrain
-from conngeo.models.references import CLIPReference
+from conngeo.zoo import pretrain
+from conngeo.references import CLIPReference
 from conngeo.scoring import (DEFAULT_PREFIX, TRUTH_KEYS, BERTScore, TextEmbeddings, clip_score, clip_scores, harmonic_mean, ref_clip_score,
                              reference_similarity, truth_table, with_prefix)
 from models_helpers import toy_images, toy_tokenizer
@@ -67,7 +67,7 @@ def tiny_clip_reference(words=DEFAULT_PREFIX.split()):
     """A random tiny CLIP over the toy world's words and `words` (by default the prefix's: a word-level
     tokenizer reads nothing else)."""
     from conngeo.data.toyworld import vocabulary
-    from conngeo.models.tokenizer import build_tokenizer
+    from conngeo.zoo.tokenizer import build_tokenizer
 
     model, processor = pretrain.tiny_clip(build_tokenizer([*vocabulary(), *words]), image_size=SIZE, patch_size=8,
                                           hidden_size=32, num_layers=1, seed=3)
@@ -292,10 +292,10 @@ ROBERTA_TEXTS = ["A cat sits on a mat.", "A dog sleeps on a red sofa.", "a cat o
 def roberta(tmp_path_factory):
     """A small RoBERTa in the hub's layout (vocab.json, merges.txt, tokenizer.json, config.json,
     model.safetensors; no tokenizer_config.json): the real RobertaTokenizer files over a small byte-level
-    BPE (conngeo.models.rehearsal), a tiny random RobertaForMaskedLM with RoBERTa's 514 positions."""
+    BPE (conngeo.rehearsal), a tiny random RobertaForMaskedLM with RoBERTa's 514 positions."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from conngeo.models.rehearsal import real_checkpoints, write_tokenizer
+    from conngeo.rehearsal import real_checkpoints, write_tokenizer
 
     folder = tmp_path_factory.mktemp("roberta")
     vocab = write_tokenizer(real_checkpoints()["roberta-large"], folder, words=ROBERTA_TEXTS)

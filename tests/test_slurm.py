@@ -27,7 +27,7 @@ import yaml
 
 from conftest import ENV, ROOT, Stages, tiny_project, tree_digest
 from conngeo.data import toyworld
-from conngeo.models import adapter_class
+from conngeo.families import adapter_class
 from models_helpers import toy_tokenizer
 
 MODELS = {"llava": "llava", "qwen": "qwen2.5vl"}

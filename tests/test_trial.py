@@ -1,5 +1,5 @@
 """The trial before the real run (scripts/trial.py), and the walkthrough of docs/real-study.md, command by command:
-in a copy of the project, COCO laid out as its downloads unpack (photographs from conngeo.models.rehearsal, a
+in a copy of the project, COCO laid out as its downloads unpack (photographs from conngeo.rehearsal, a
 Karpathy split file, captions and instances files), the real checkpoints rehearsed where `hf download` puts
 them, and every command of the walkthrough run as written that needs neither the network nor a GPU."""
 
@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REHEARSAL_CAPTIONS as CAPTIONS, ROOT, copy_project, place_checkpoints, run
 from conngeo.data.images import scan
-from conngeo.models.rehearsal import build_photos
+from conngeo.rehearsal import build_photos
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +102,7 @@ def test_the_fingerprint_names_the_processor_the_checkpoint_loads_here(project):
     class where torchvision imports and the PIL one elsewhere, and the extraction's fingerprint records which."""
     from transformers.utils import is_torchvision_available
 
-    from conngeo.models import adapter_class
+    from conngeo.families import adapter_class
 
     config = json.loads((project / "data/models/real/llava/preprocessor_config.json").read_text())
     assert config["image_processor_type"] == "CLIPImageProcessor"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import SiglipModel, SiglipProcessor, SiglipVisionModel
 
-from conngeo.models import adapter_class, pretrain
-from conngeo.models.pretrain_siglip import (siglip_retrieval_accuracy, siglip_text_inputs, tiny_siglip,
+from conngeo.families import adapter_class
+from conngeo.zoo import pretrain
+from conngeo.zoo.pretrain_siglip import (siglip_retrieval_accuracy, siglip_text_inputs, tiny_siglip,
                                             train_tiny_siglip)
-from conngeo.models.zoo import caption_accuracy, dihedral, train_captioner
+from conngeo.zoo.captioner import caption_accuracy, dihedral, train_captioner
 from models_helpers import IMAGE_SIZE, toy_images, toy_tokenizer
 
 FAMILIES = ["llava", "idefics2", "qwen2.5vl", "qwen3.5"]

@@ -27,7 +27,6 @@ out byte-identical to a single-process run, because every chunk holds the same b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -42,13 +41,11 @@ from . import interrupt
 from .data import vectors
 from .data.images import BadImageError, Item, load_image
 from .data.vectors import resolve_dtype
-
-FINGERPRINT = "fingerprint.json"
+from .resume import STAMP, digest, stamp, stamped
 
 
 def fingerprint(model_spec: dict, items: list[Item]) -> str:
-    blob = json.dumps({"model": model_spec, "stems": [it.stem for it in items]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"model": model_spec, "stems": [it.stem for it in items]})
 
 
 class _Images(torch.utils.data.Dataset):
@@ -114,8 +111,7 @@ class OneShape:
 
 
 def _is_done(folder: Path, fp: str) -> bool:
-    stamp = folder / FINGERPRINT
-    return vectors.is_complete(folder) and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fp
+    return vectors.is_complete(folder) and stamped(folder, fp) is not None
 
 
 def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size: int = 32,
@@ -135,13 +131,12 @@ def extract_shard(adapter, items: list[Item], folder: Path, fp: str, batch_size:
         raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
     shape = shape or OneShape()
     folder = Path(folder)
-    stamp = folder / FINGERPRINT
     if _is_done(folder, fp):
         return "skipped", 0
     folder.mkdir(parents=True, exist_ok=True)
     # the old shard (if any) is being replaced: until the join it must not look complete to a reader (no
     # index.csv), or an interrupted run would leave another model's vectors in place; harmless if workers race
-    stamp.unlink(missing_ok=True)
+    (folder / STAMP).unlink(missing_ok=True)
     (folder / vectors.INDEX).unlink(missing_ok=True)
     chunks = [items[i:i + save_every] for i in range(0, len(items), save_every)]
     resumed, computed = False, 0
@@ -211,8 +206,7 @@ def _join(folder: Path, parts: list[Path], fp: str, source: Path) -> None:
     vectors.write_index(folder, stems, counts["pre"], counts["post"])
     skipped = [s for m in metas for s in m["skipped"]]
     layout = next(m["layout"] for m in metas if m["stems"])
-    (folder / FINGERPRINT).write_text(json.dumps({"fingerprint": fp, "images": len(stems), "skipped": skipped,
-                                                  "layout": layout}) + "\n")
+    stamp(folder, fp, images=len(stems), skipped=skipped, layout=layout)
     shutil.rmtree(folder / "parts")
 
 
@@ -266,8 +260,8 @@ def extract(adapter, items: list[Item], out: Path, model_spec: dict, worker: int
 
 def skipped_images(folder: Path) -> list[list[str]]:
     """[stem, reason] of the images a finished shard left out as unreadable."""
-    stamp = Path(folder) / FINGERPRINT
-    return json.loads(stamp.read_text()).get("skipped", []) if stamp.is_file() else []
+    record = stamped(folder)
+    return record.get("skipped", []) if record else []
 
 
 def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list[str]:
@@ -313,9 +307,8 @@ def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list
                                 f"lists {sum(r[col] for r in rows)} tokens")
             if want and vectors.dtype_of(dtype) != resolve_dtype(want):
                 problems.append(f"{folder / name}.safetensors: stored as {dtype}, expected {want}")
-        stamp = folder / FINGERPRINT
-        if model_spec is not None and (not stamp.is_file() or json.loads(stamp.read_text())["fingerprint"]
-                                       != fingerprint(model_spec, [it for it in items if it.shard == shard])):
+        shard_items = [it for it in items if it.shard == shard]
+        if model_spec is not None and stamped(folder, fingerprint(model_spec, shard_items)) is None:
             problems.append(f"{folder}: made by another model spec or image list (fingerprint differs)")
     leftovers = [p for p in out.rglob("*") if p.name == "parts" or p.name.endswith(".tmp")]
     problems += [f"{p}: partial file left behind (an unfinished run; rerun the plain stage to join parts)"

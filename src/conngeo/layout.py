@@ -8,7 +8,7 @@ layout such as sample/.
     data/models/<name>          connector variants (train_connector)
     data/vectors/<model>        E_pre / E_post shards (extract)
     data/refs/<space>           reference embeddings (references)
-    data/knn/<model>            per-image geometry, probes (knn)
+    data/geometry/<model>       per-image geometry, neighbours, probes (geometry)
     data/recon/<model>          the reconstructor, its split and normalisation (recon)
     data/recon_vectors/<model>  reconstructed E_pre shards (recon_export)
     data/recon_eval/<model>     per-image reconstruction errors, patch maps (recon_eval)
@@ -22,7 +22,7 @@ layout such as sample/.
 
 from pathlib import Path
 
-KINDS = ("models", "vectors", "refs", "knn", "recon", "recon_vectors", "recon_eval", "captions", "perturb",
+KINDS = ("models", "vectors", "refs", "geometry", "recon", "recon_vectors", "recon_eval", "captions", "perturb",
          "scores")
 
 

@@ -24,9 +24,10 @@ from PIL import Image
 from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel,
                           CLIPVisionModelWithProjection, Dinov2Model)
 
-from ..data.toyworld import FOODS, PLATES
-from .base import checked_folder, from_pretrained_kwargs, resolve_dtype
-from .tokenizer import bound_to_model
+from .data.toyworld import FOODS, PLATES
+from .data.vectors import resolve_dtype
+from .families.base import checked_folder, from_pretrained_kwargs
+from .tokenizer_checks import bound_to_model
 
 POOLINGS = ("cls", "mean")
 REAL_SOURCES = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}

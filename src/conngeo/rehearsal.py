@@ -20,7 +20,7 @@ Real in a rehearsal checkpoint:
     the real pipeline (Llama's SentencePiece BPE with byte fallback, Qwen's, CLIP's and GPT-2's byte-level
     BPE); the special tokens keep their strings, roles, flags and real order;
   - .cache/huggingface/download/<file>.metadata (revision, etag, time), written by huggingface_hub's own
-    writer, so conngeo.models.base.downloaded_revision(folder) reads the pinned revision.
+    writer, so conngeo.families.base.downloaded_revision(folder) reads the pinned revision.
 Not real:
   - the weights: random (seeded; Idefics2's perceiver latents drawn normal(0, 1), as the class inits them
     to ones, which would make E_post rank 1);
@@ -49,9 +49,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .base import resolve_dtype
+from .data.vectors import resolve_dtype
 
-FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "real_checkpoints.yaml"
+FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "real_checkpoints.yaml"
 DEPTH_KEYS = ("num_hidden_layers", "depth", "resampler_depth")
 SUB_CONFIGS = ("text_config", "vision_config", "perceiver_config")
 LOW_IDS = 1000  # special tokens below this id open the vocabulary (Llama's <unk> <s> </s>), the rest close it

@@ -10,15 +10,12 @@ most the unit in progress. A plain run reuses every unit whose rows lie in parts
 fingerprint, computes the rest, writes the tables and removes the parts: the same bytes as an
 uninterrupted single-process run, since every caption came from the same batch.
 
-A part's fingerprint covers what its captions depend on: the model spec, the generation settings,
-and the size and modification time of every vector file read. Comparing times is conservative: a
-re-extracted or re-checked-out shard invalidates the parts even when its bytes did not change.
+A part's fingerprint (conngeo.resume.fingerprint) covers what its captions depend on: the model spec,
+the generation settings, and the size and modification time of every vector file read.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -39,13 +36,6 @@ def my_units(all_units: list, worker: int, workers: int) -> list:
     if not 0 <= worker < workers:
         raise ValueError(f"worker must be in 0..{workers - 1}, not {worker}")
     return all_units[worker::workers]
-
-
-def fingerprint(settings: dict, files: list[Path]) -> str:
-    """A hash of `settings` (JSON-able) and the size and mtime of each of `files`."""
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)]
-    blob = json.dumps({"settings": settings, "files": stats}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def part_path(out: Path, unit: tuple[int, int, int]) -> Path:

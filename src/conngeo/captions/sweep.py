@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .. import interrupt
 from ..data.images import ImageFolder
 from ..data.vectors import VectorReader, images_within
+from ..resume import fingerprint
 from . import parts
 from .generate import generate_captions
 from .inputs import match_images
@@ -107,7 +108,7 @@ def perturbed_captions(adapter, folder: ImageFolder, shards: Sequence[Path], out
     window = images_within(max_window_mb, readers[0].image_bytes(), at_least=batch_size)
     settings = {"model": model, "modes": list(modes), "levels": list(levels), "seed": seed, "fill": fill,
                 "batch_size": batch_size, "max_new_tokens": max_new_tokens, "window": window}
-    fp = parts.fingerprint(settings, [f / n for f in shards for n in ("index.csv", "post.safetensors")])
+    fp = fingerprint(settings, [f / n for f in shards for n in ("index.csv", "post.safetensors")])
     units = parts.units([len(r) for r in readers], window)
     mine = parts.my_units(units, worker, workers)
     done, ignored, computed = {}, [], 0

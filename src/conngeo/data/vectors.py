@@ -228,7 +228,7 @@ class VectorReader:
 
     @property
     def layout(self) -> dict:
-        """The token layout the extraction recorded (conngeo.models.base.Adapter.token_layout) in the first
+        """The token layout the extraction recorded (conngeo.families.base.Adapter.token_layout) in the first
         shard's fingerprint.json: {"pre_to_post": ..., "pre_raster": ...}; empty where none is recorded."""
         stamp = self.folders[0] / "fingerprint.json"
         return (json.loads(stamp.read_text()).get("layout") or {}) if stamp.is_file() else {}

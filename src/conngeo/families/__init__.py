@@ -1,53 +1,48 @@
-"""Model adapters, one file per family, registered by importing every module in this package."""
+"""Model adapters, one file per VLM family, and the registry that names them (conngeo.families.registry).
+
+    adapter_class(family)        the family's Adapter subclass (its file imported on first use)
+    load_adapter(family, ...)    adapter_class(family).load(...)
+    families()                   every known family -> its class (every family file imported)
+    register                     a class decorator for a family file outside this package
+
+A family inside this package is one file here plus its line in registry.FAMILIES (docs/development.md).
+"""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
 from .base import Adapter, MissingCheckpointError
+from .registry import FAMILIES
 
-_NOT_FAMILIES = {"base", "tokenizer", "zoo", "references", "pretrain", "pretrain_siglip", "rehearsal"}
-
-
-def families() -> dict[str, type[Adapter]]:
-    """family name -> Adapter subclass, for every family file in this package (all imported) and every
-    Adapter subclass imported from elsewhere (a family file of your own: import it, and it is known)."""
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _NOT_FAMILIES:
-            importlib.import_module(f"{__name__}.{info.name}")
-    return _registered()
+_REGISTERED: dict[str, type[Adapter]] = {}  # families registered from outside this package
 
 
-def _registered() -> dict[str, type[Adapter]]:
-    return {cls.family: cls for cls in _subclasses(Adapter) if getattr(cls, "family", None)}
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
-def _plain(name: str) -> str:
-    return "".join(c for c in name.lower() if c.isalnum())
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Make `cls` known under its `family`, as a file of registry.FAMILIES would be: for a family file of your
+    own outside this package (import the file and the family is known)."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or not getattr(cls, "family", None):
+        raise TypeError(f"{cls!r}: register an Adapter subclass that sets `family`")
+    if cls.family in FAMILIES:
+        raise ValueError(f"family {cls.family!r} is already in conngeo.families.registry; give yours another name")
+    _REGISTERED[cls.family] = cls
+    return cls
 
 
 def adapter_class(family: str) -> type[Adapter]:
-    """The Adapter subclass of `family`. Only that family's file is imported (with its transformers
-    classes), found by name: the file's name and the family's agree in their letters and digits
-    (qwen2_5_vl.py holds "qwen2.5vl"); anything else falls back to importing every family file."""
-    known = _registered()
-    if family not in known:
-        for info in pkgutil.iter_modules(__path__):
-            if info.name not in _NOT_FAMILIES and _plain(info.name) == _plain(family):
-                importlib.import_module(f"{__name__}.{info.name}")
-        known = _registered()
-    if family not in known:
-        known = families()
-    if family not in known:
-        raise KeyError(f"unknown model family {family!r}; known families: {sorted(known)}")
-    return known[family]
+    """The Adapter subclass of `family`. Only that family's file is imported (with its transformers classes)."""
+    if family in _REGISTERED:
+        return _REGISTERED[family]
+    if family not in FAMILIES:
+        raise KeyError(f"unknown model family {family!r}; known families: {sorted([*FAMILIES, *_REGISTERED])} "
+                       "(a new one: docs/development.md)")
+    module, name = FAMILIES[family][0].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def families() -> dict[str, type[Adapter]]:
+    """family name -> Adapter subclass, for every family of the registry (all imported) and every registered one."""
+    return {name: adapter_class(name) for name in [*FAMILIES, *_REGISTERED]}
 
 
 def load_adapter(family: str, source, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -57,4 +52,4 @@ def load_adapter(family: str, source, revision: str | None = None, device: str =
                                       image_size=image_size, hub=hub)
 
 
-__all__ = ["Adapter", "MissingCheckpointError", "families", "adapter_class", "load_adapter"]
+__all__ = ["Adapter", "FAMILIES", "MissingCheckpointError", "adapter_class", "families", "load_adapter", "register"]

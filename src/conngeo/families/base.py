@@ -7,9 +7,9 @@ image the study needs:
     E_post = connector(E_pre)      the connector's output, one [tokens', d_text] matrix per image
     caption = LM(E_post)
 
-A family is one file in conngeo/models/ that subclasses `Adapter` and sets `family`; importing
-conngeo.models registers every such file, so a fifth family is one new file. Family quirks (hook
-point, token order, processor details, the tiny zoo config) stay inside that file.
+A family is one file in conngeo/families/ that subclasses `Adapter` and sets `family`, named in
+conngeo.families.registry (a file outside the package registers itself: conngeo.families.register).
+Family quirks (hook point, token order, processor details, the tiny zoo config) stay inside that file.
 """
 
 from __future__ import annotations
@@ -309,6 +309,6 @@ class Adapter(ABC):
     @abstractmethod
     def tiny(cls, tokenizer, image_size: int, vision_encoder=None, seed: int = 0) -> "Adapter":
         """A random-init tiny model (about 0.5-3M parameters) of the family's real class, with a
-        processor built around `tokenizer` (see conngeo.models.tokenizer). `vision_encoder`, where
+        processor built around `tokenizer` (see conngeo.zoo.tokenizer). `vision_encoder`, where
         the family freezes a pretrained encoder, is what `load_frozen_encoder` returns (e.g. a
         CLIPVisionModel); its weights are copied in."""

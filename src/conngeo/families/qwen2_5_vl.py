@@ -45,7 +45,7 @@ from .base import Adapter, from_pretrained_kwargs
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 IM_END, END_OF_TEXT = "<|im_end|>", "<|endoftext|>"
-# Tokenizer classes that mean "the word-level tokenizer of conngeo.models.tokenizer": load them as
+# Tokenizer classes that mean "the word-level tokenizer of conngeo.zoo.tokenizer": load them as
 # they are, because AutoTokenizer would pick the family's own class from config.json's model_type
 # and tokenize the custom vocabulary differently (Qwen3_5Tokenizer does).
 GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}

@@ -2,7 +2,7 @@
 (the connector), and a hybrid language model (Gated DeltaNet linear-attention layers between
 full-attention layers, partial rotary M-RoPE).
 
-Everything the adapter does on the image side is Qwen2.5-VL's (conngeo.models.qwen2_5_vl: hook at
+Everything the adapter does on the image side is Qwen2.5-VL's (conngeo.families.qwen2_5_vl: hook at
 model.model.visual.merger, the PIL image processor + tokenizer as processor, prompt ids built by
 hand, the same stored token order), so this file holds only what differs:
 

@@ -39,7 +39,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..digest import folder_digest
+from ..resume import folder_digest
 from .base import Adapter, MissingCheckpointError, resolve_dtype
 
 KINDS = ("linear", "mlp", "resampler<n>", "merger")

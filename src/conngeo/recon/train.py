@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,8 +39,8 @@ from conngeo import interrupt
 from conngeo.recon.data import Normalizer, Pairs, windows
 from conngeo.recon.metrics import token_cosine
 from conngeo.recon.models import CONFIG, WEIGHTS, ReconConfig, build_reconstructor, save_reconstructor
+from conngeo.resume import digest, load_state, save_state
 from conngeo.schedule import warmup_cosine
-from conngeo.training_state import load_state, save_state
 
 STATE = "train_state.safetensors"
 
@@ -110,7 +109,7 @@ def fingerprint(config: ReconConfig, settings: TrainSettings, train: list[str], 
         moments.update(getattr(norm, name).float().cpu().numpy().tobytes())
     blob = {"config": asdict(config), "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
             "train": train, "val": val, "data": moments.hexdigest()}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(blob)
 
 
 def epoch_windows(indices: list[int], window: int, seed: int) -> list[list[int]]:

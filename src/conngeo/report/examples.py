@@ -102,7 +102,7 @@ class Selection:
 
 
 def neighbour_lists(neighbours: pd.DataFrame, stem: str, count: int) -> tuple[list[str], list[str]]:
-    """(E_pre's, E_post's) `count` nearest images of `stem` from a knn neighbours table (by stem:
+    """(E_pre's, E_post's) `count` nearest images of `stem` from a geometry neighbours table (by stem:
     pre_1.., post_1.., nearest first)."""
     row = neighbours.loc[stem]
     return tuple([str(row[f"{side}_{j}"]) for j in range(1, count + 1) if f"{side}_{j}" in row.index]
@@ -111,7 +111,7 @@ def neighbour_lists(neighbours: pd.DataFrame, stem: str, count: int) -> tuple[li
 
 def select(table: pd.DataFrame, neighbours: pd.DataFrame | None, modes: list, settings: dict) -> Selection:
     """What one model's sections show (`settings`: params report.examples). `table`: the per-image table by
-    stem (report.tables.per_image) with the post and recon captions; `neighbours`: the knn stage's
+    stem (report.tables.per_image) with the post and recon captions; `neighbours`: the geometry stage's
     neighbours table by stem, or None where there is none (the section then says so)."""
     changed, identical = reconstruction_examples(table, settings["changed"], settings["identical"])
     unstable = {mode: unstable_examples(table[f"{mode}_instability"], settings["unstable"]) for mode in modes}
@@ -306,10 +306,10 @@ def neighbours_section(model: str, table: pd.DataFrame, sel: Selection, has_tabl
             + group("Largest neighbourhood change", [row(s) for s in largest], 4, "no image has this measure")
             + group("Smallest neighbourhood change", [row(s) for s in smallest], 4, "no image has this measure"))
     if not has_table:
-        where = escape(str(layout.data("knn", model) / "neighbours.csv"))
+        where = escape(str(layout.data("geometry", model) / "neighbours.csv"))
         body = head("image", "", "nearest in E_pre", "nearest in E_post") + (
             "<tbody>" + note_row(4, f"Not in this sample: no neighbours table ({where}). Rerun <code>dvc repro "
-                                    f"knn@{escape(model)}</code>, or remake the sample with scripts/make_sample.py.")
+                                    f"geometry@{escape(model)}</code>, or remake the sample with scripts/make_sample.py.")
             + "</tbody>")
     elif absent:
         body += "<tbody>" + note_row(4, f"Not in this sample: {len(absent)} neighbour images are not under "
@@ -403,8 +403,8 @@ def model_table(m, images: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_neighbours(root: Path, model: str) -> pd.DataFrame | None:
-    """The knn stage's neighbours table of `model` under `root` by stem, or None where it has none."""
-    path = layout.data("knn", model, root) / "neighbours.csv"
+    """The geometry stage's neighbours table of `model` under `root` by stem, or None where it has none."""
+    path = layout.data("geometry", model, root) / "neighbours.csv"
     if not path.is_file():
         return None
     return pd.read_csv(path, dtype=str, keep_default_na=False).set_index("stem")

@@ -4,9 +4,9 @@ the actual fraction changed, and the probes.
 
 Inputs live under one root in the pipeline's layout (the project itself, or a committed sample of it):
 
-    data/knn/<model>/per_image.csv            knor_pre_post@k, distortion@k, erank_pre, erank_post, ...
-    data/knn/<model>/probes.csv               linear probes of the ground truth from pooled E_pre / E_post
-    metrics/knn/<model>.json                  dataset KNOR per pair and k, chance levels, spectra
+    data/geometry/<model>/per_image.csv       knor_pre_post@k, distortion@k, erank_pre, erank_post, ...
+    data/geometry/<model>/probes.csv          linear probes of the ground truth from pooled E_pre / E_post
+    metrics/geometry/<model>.json             dataset KNOR per pair and k, chance levels, spectra
     data/recon_eval/<model>/per_image.csv     split, mse_z, cosine, linear_mse_z, ...   (+ patch_loss.csv)
     metrics/recon_eval/<model>.json           the means per split and the baselines' verdicts
     data/captions/<model>/captions.csv        recon_post_mse_z: the error that reaches the language model
@@ -57,8 +57,8 @@ FAMILIES = ("finding", "circular")  # a circular correlation never counts as a f
 class ModelInputs:
     """Everything the report reads for one model."""
     name: str
-    knn: pd.DataFrame
-    knn_metrics: dict
+    geometry: pd.DataFrame
+    geometry_metrics: dict
     probes: pd.DataFrame
     recon: pd.DataFrame
     recon_metrics: dict
@@ -93,9 +93,9 @@ def load_model(root: Path, model: str, sets: list[str]) -> ModelInputs:
     patch = layout.data("recon_eval", model, root) / "patch_loss.csv"
     return ModelInputs(
         name=model,
-        knn=read_csv(layout.data("knn", model, root) / "per_image.csv"),
-        knn_metrics=read_json(layout.details("knn", model, root)),
-        probes=read_csv(layout.data("knn", model, root) / "probes.csv", index=None),
+        geometry=read_csv(layout.data("geometry", model, root) / "per_image.csv"),
+        geometry_metrics=read_json(layout.details("geometry", model, root)),
+        probes=read_csv(layout.data("geometry", model, root) / "probes.csv", index=None),
         recon=read_csv(layout.data("recon_eval", model, root) / "per_image.csv"),
         recon_metrics=read_json(layout.details("recon_eval", model, root)),
         patch_loss=read_csv(patch, index=None) if patch.is_file() else None,
@@ -234,12 +234,12 @@ def measures(modes: list, levels: list) -> list[Measure]:
     both = ("reconstruction", "perturbation")
     table = [
         Measure("knor_change", "geometry", both, "1 - KNOR@k of the image's pre/post neighbourhoods", "fraction",
-                lambda m, c: 1.0 - m.knn[f"knor_pre_post@{c['k']}"]),
+                lambda m, c: 1.0 - m.geometry[f"knor_pre_post@{c['k']}"]),
         Measure("erank_drop", "geometry", both, "effective rank of E_pre minus that of E_post (token matrices; signed)",
-                "erank", lambda m, c: m.knn["erank_pre"] - m.knn["erank_post"]),
+                "erank", lambda m, c: m.geometry["erank_pre"] - m.geometry["erank_post"]),
         Measure("distortion", "geometry", ("perturbation",), "the connector's local distortion: std over the image's k "
                 "nearest E_pre neighbours of log(post distance / pre distance)", "log ratio",
-                lambda m, c: m.knn[f"distortion@{c['k']}"]),
+                lambda m, c: m.geometry[f"distortion@{c['k']}"]),
         Measure("recon_mse", "geometry", ("reconstruction",), "reconstruction MSE of E_pre from E_post", "z-units²",
                 lambda m, c: m.recon["mse_z"], circular=True),
         Measure("lm_error", "geometry", ("reconstruction",), "MSE of connector(reconstructed E_pre) against E_post: the "
@@ -272,23 +272,23 @@ def measures(modes: list, levels: list) -> list[Measure]:
 
 
 def per_image(m: ModelInputs, table: list[Measure], context: dict, covariates: pd.DataFrame) -> pd.DataFrame:
-    """One row per image, in the knn table's order: stem, split, every measure, the content covariates
+    """One row per image, in the geometry table's order: stem, split, every measure, the content covariates
     (`covariates`, by stem: what the image shows), plus erank_post and the post caption's clipscore (for
     the effective-rank figure). Every input must cover the same images: a mismatch means a stale upstream
     output, and no image is dropped silently."""
-    stems = list(m.knn.index)
+    stems = list(m.geometry.index)
     frames = {"recon_eval": m.recon, "captions": m.captions, "covariates": covariates,
               **{f"scores {s}": t for s, t in m.scores.items()}}
     for name, frame in frames.items():
         if not set(stems) <= set(frame.index) or (name != "covariates" and len(frame) != len(stems)):
-            raise ValueError(f"{m.name}: {name} covers {len(frame)} images, knn {len(stems)}, not the same ones; "
+            raise ValueError(f"{m.name}: {name} covers {len(frame)} images, geometry {len(stems)}, not the same ones; "
                              "rerun the stale upstream stages (`dvc repro`)")
     out = pd.DataFrame({"stem": stems, "split": m.recon.loc[stems, "split"].to_numpy()})
     for measure in table:
         out[measure.name] = pd.to_numeric(measure.compute(m, context).reindex(stems), errors="coerce").to_numpy()
     for name in covariates.columns:
         out[name] = covariates.loc[stems, name].to_numpy()
-    out["erank_post"] = m.knn.loc[stems, "erank_post"].to_numpy()
+    out["erank_post"] = m.geometry.loc[stems, "erank_post"].to_numpy()
     out["clipscore_post"] = m.scores["post"].loc[stems, "clipscore"].to_numpy()
     return out
 
@@ -440,8 +440,8 @@ def question_text(q: pd.DataFrame, table: list[Measure], n_perm: int, n_boot: in
 def knor_table(m: ModelInputs) -> pd.DataFrame:
     """Dataset KNOR per pair and k with its chance level (long: model, pair, k, knor, chance)."""
     rows = []
-    for pair, entry in m.knn_metrics["pairs"].items():
-        for k in m.knn_metrics["ks"]:
+    for pair, entry in m.geometry_metrics["pairs"].items():
+        for k in m.geometry_metrics["ks"]:
             rows.append({"model": m.name, "pair": pair, "k": k, "knor": entry[f"knor@{k}"],
                          "chance": entry[f"chance@{k}"]})
     return pd.DataFrame(rows)
@@ -517,12 +517,12 @@ def summary_row(m: ModelInputs, curve: pd.DataFrame, modes: list, fractions: dic
     images for the model's own quality (post_caption_<score>). The reconstructor's margin over the linear
     baseline is the mean over test images of linear_mse_z - mse_z with a bootstrap interval (n_boot, seed):
     recon_vs_linear "beats" where the interval lies above 0, "underfit" where below, "tie" otherwise."""
-    row = {"model": m.name, "images": m.knn_metrics["images"]}
+    row = {"model": m.name, "images": m.geometry_metrics["images"]}
     for _, r in knor_table(m).iterrows():
         row[f"knor_{r['pair']}@{r['k']}"] = r["knor"]
-    for k in m.knn_metrics["ks"]:
-        row[f"chance@{k}"] = m.knn_metrics["pairs"]["pre_post"][f"chance@{k}"]
-    spectra = m.knn_metrics.get("spectra", {})
+    for k in m.geometry_metrics["ks"]:
+        row[f"chance@{k}"] = m.geometry_metrics["pairs"]["pre_post"][f"chance@{k}"]
+    spectra = m.geometry_metrics.get("spectra", {})
     for key in ("erank_pre_mean", "erank_post_mean", "erank_pre_dataset", "erank_post_dataset"):
         row[key] = spectra.get(key, math.nan)
     test = m.recon_metrics["test"]

@@ -73,11 +73,11 @@ def scoring_tokenizer(scorer, path: str):
       which transformers 5 honours only when the tokenizer is built, so it is built with it; else "A cat"
       encodes as <s> A Ġcat instead of <s> ĠA Ġcat, off the baselines (cf. bert_score#147);
     - a finite model_max_length, the model's context length where the folder sets none
-      (conngeo.models.tokenizer.bound_to_model; bert_score#205)."""
+      (conngeo.tokenizer_checks.bound_to_model; bert_score#205)."""
     from bert_score.utils import GPT2Tokenizer, RobertaTokenizer
     from transformers import AutoTokenizer
 
-    from ..models.tokenizer import bound_to_model
+    from ..tokenizer_checks import bound_to_model
 
     tokenizer = scorer._tokenizer
     if isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer)) and not tokenizer.add_prefix_space:
@@ -101,7 +101,7 @@ class BERTScore:
     idf: weight tokens by idf computed from each call's references (as bert_score.score does).
     rescale_with_baseline: bert-score's baseline rescaling (lang "en"); needs a model it has a baseline for.
     max_unknown: a text whose tokens are more than this share unknown to the model's tokenizer stops with
-    an error naming it (conngeo.models.tokenizer.check_readable).
+    an error naming it (conngeo.tokenizer_checks.check_readable).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, num_layers: int | None = None, idf: bool = False,
@@ -199,7 +199,7 @@ class BERTScore:
         score (NaN, counted in "no_reference"): it is left out of means, never scored 0.
         idf_dict: with idf, the weights to use (`idf_weights`); None: those of this call's references.
         """
-        from ..models.tokenizer import check_readable
+        from ..tokenizer_checks import check_readable
 
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")

@@ -117,14 +117,14 @@ class TextEmbeddings:
     composition changes low-order bits of a forward pass, which fp16 on a GPU would show.
     `reference` is a CLIPReference with a text tower; the prefix is added here. A text (with its prefix)
     whose tokens are more than `max_unknown` unknown to the CLIP's tokenizer stops with an error naming it
-    (conngeo.models.tokenizer.check_readable)."""
+    (conngeo.tokenizer_checks.check_readable)."""
 
     def __init__(self, reference, prefix: str = DEFAULT_PREFIX, batch_size: int = 256, max_unknown: float = 0.2):
         self.reference, self.prefix, self.batch_size, self.max_unknown = reference, prefix, batch_size, max_unknown
         self.vectors: dict[str, torch.Tensor] = {}
 
     def add(self, texts: Sequence[str]) -> None:
-        from ..models.tokenizer import check_readable
+        from ..tokenizer_checks import check_readable
 
         new = sorted(set(texts) - set(self.vectors))
         if new:
@@ -146,7 +146,7 @@ def clip_scores(texts: TextEmbeddings, image_emb: torch.Tensor, captions: Sequen
                 references: Sequence[Sequence[str]] | None = None, w: float = CLIPSCORE_WEIGHT) -> dict:
     """CLIP-S (and RefCLIP-S with `references`) of each caption against its image.
 
-    texts: the TextEmbeddings of a CLIP with a text tower (conngeo.models.references.load_reference("clip", ...)).
+    texts: the TextEmbeddings of a CLIP with a text tower (conngeo.references.load_reference("clip", ...)).
     image_emb: [n, d] projected image embeddings, `reference.embed(images)` with pooling "cls".
     references: per caption, a list of reference captions (COCO has five; empty strings are ignored).
     Returns {"clipscore": [n], "empty": [n] bool} and, with references, "refclipscore" (the max over each

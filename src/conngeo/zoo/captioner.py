@@ -9,7 +9,6 @@ train connector + language model; the Qwen families train everything jointly
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from .. import interrupt
 from ..data.toyworld import caption_truth
 from ..schedule import warmup_cosine
-from ..training_state import load_state, save_state
+from ..resume import digest, load_state, save_state
 
 ATTRIBUTES = ("parses", "kinds", "counts", "colours", "exact")
 
@@ -70,7 +69,7 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     `augment` shows each image under a random flip/rotation (`dihedral`): only for captions that
     say nothing about left, right, up or down, as the toy world's do.
     `state`: a file where every `save_every` steps the trained parameters, the optimizer, the step, the
-    data order and the random states are kept (conngeo.training_state), so that an interrupted run
+    data order and the random states are kept (conngeo.resume.save_state), so that an interrupted run
     resumes from its last save and ends as the uninterrupted one would; removed when training ends.
     A SIGTERM (conngeo.interrupt) stops the loop right after a save. `progress`: a progress bar.
     `heldout`: (images, captions) whose greedy-caption accuracy (`caption_accuracy`) is logged as
@@ -85,9 +84,8 @@ def train_captioner(adapter, images: list, captions: list[str], *, steps: int, b
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     model = training_mode(adapter)
     losses, perm, first = [], torch.empty(0, dtype=torch.long), 0
-    fp = hashlib.sha256(json.dumps([adapter.family, sorted(named), len(images), captions, steps, batch_size, lr,
-                                    seed, warmup, weight_decay, augment, start_digest(adapter.model, images)]
-                                   ).encode()).hexdigest()[:16]
+    fp = digest([adapter.family, sorted(named), len(images), captions, steps, batch_size, lr, seed, warmup,
+                 weight_decay, augment, start_digest(adapter.model, images)])
     loaded = load_state(state, fp, opt, next(iter(params)).device) if state else None
     if loaded is not None:
         weights, meta = loaded

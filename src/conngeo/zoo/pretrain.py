@@ -33,7 +33,7 @@ from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPi
                           Dinov2Config, Dinov2Model)
 
 from ..scoring.clipscore import retrieval_hits
-from .references import CLIPReference
+from ..references import CLIPReference
 
 Log = Callable[[int, dict], None] | None
 
@@ -158,7 +158,7 @@ def train_tiny_clip(images: list[Image.Image], captions: list[str], tokenizer, i
                     **config) -> tuple[CLIPModel, CLIPProcessor]:
     """Train a tiny CLIP contrastively (CLIPModel's return_loss) on (image, caption) pairs.
 
-    `tokenizer` is the world's word-level tokenizer (conngeo.models.tokenizer.build_tokenizer);
+    `tokenizer` is the world's word-level tokenizer (conngeo.zoo.tokenizer.build_tokenizer);
     `config` goes to `tiny_clip` (patch_size, hidden_size, num_layers, ...). Returns the model in
     eval mode and its CLIPProcessor; save both with save_pretrained into one folder.
     """

@@ -13,7 +13,7 @@ place of transformers' zeros. Two details follow the real checkpoints:
     - images are normalised with mean = std = 0.5 (SiglipImageProcessor's default), which the
       Idefics2 processor uses too, so the frozen encoder sees there what it was trained on.
 
-Deterministic for a fixed seed; batches and the schedule are the tiny CLIP's (conngeo.models.pretrain).
+Deterministic for a fixed seed; batches and the schedule are the tiny CLIP's (conngeo.zoo.pretrain).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def train_tiny_siglip(images: list[Image.Image], captions: list[str], tokenizer,
                       **config) -> tuple[SiglipModel, SiglipProcessor]:
     """Train a tiny SigLIP with its sigmoid loss (SiglipModel's return_loss) on (image, caption) pairs.
 
-    `tokenizer` is the world's word-level tokenizer (conngeo.models.tokenizer.build_tokenizer);
+    `tokenizer` is the world's word-level tokenizer (conngeo.zoo.tokenizer.build_tokenizer);
     `config` goes to `tiny_siglip` (patch_size, hidden_size, num_layers, ...). Returns the model in
     eval mode and its SiglipProcessor; save both with save_pretrained into one folder.
     """
