@@ -20,9 +20,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # --no-compile: Python compiles a module to bytecode when it is first imported instead of pip compiling every
-# file of every package (23 s of a 57 s install here). The tests start a few hundred interpreters (dvc, stage
-# scripts), so `make test` compiles everything first, on every core (20 s once; where PYTHONDONTWRITEBYTECODE
-# is set, as on the project's machines, imports never write it, and the tests took 800 s instead of 500).
+# file of every package. The tests start a few hundred interpreters (dvc, stage scripts), so `make test`
+# compiles everything first, on every core: where PYTHONDONTWRITEBYTECODE is set imports never write bytecode,
+# and every interpreter would compile what it imports again.
 
 .PHONY: setup study test smoke
 

@@ -23,7 +23,7 @@ part per photograph, and projects time and disk for N photographs (--project, de
 A trial of 20 photographs is one or two batches, the first with the GPU's warm-up, so the per-photo part
 errs long. The real run's captions stage generates twice per photograph (from E_post and from the
 reconstruction) and perturb once per perturbation set, so those take about (2 + sets) x captions' per-photo
-time; references, knn, recon, recon_export, recon_eval and report are not run here (docs/real-study.md).
+time; references, geometry, recon, recon_export, recon_eval and report are not run here (docs/real-study.md).
 """
 
 import json
@@ -195,7 +195,7 @@ def main(
     typer.echo(f"  {'all':{width}s}  {'disk':12s}" + "".join(f"  {size(disk_all[c]):>12s}" for c in project))
     typer.echo(f"\nThe real run's captions stage generates twice per photograph (from E_post and from the "
                f"reconstruction) and perturb once per perturbation set ({sets} in the profile): about 2 and {sets} "
-               "times captions' per-photo time. Not run here: references, knn, recon, recon_export, recon_eval, "
+               "times captions' per-photo time. Not run here: references, geometry, recon, recon_export, recon_eval, "
                "report (docs/real-study.md).")
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ joins the parts without loading the model, and `python stages/verify.py vectors 
 import shutil
 from pathlib import Path
 
-import torch
 import typer
 
-from common import LazyAdapter, extraction_spec, load_model, load_params, run, write_json, write_timings
+from common import LazyAdapter, extraction_spec, load_model, load_params, run, use_threads, write_json, write_timings
 from conngeo import layout
 from conngeo.data.images import scan
 from conngeo.data.vectors import resolve_dtype
-from conngeo.extraction import extract
+from conngeo.extraction import extract, extraction_report
 
 app = typer.Typer(add_completion=False)
 
@@ -26,62 +25,44 @@ def main(
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     out: Path = typer.Option(None, help="output folder (default: data/vectors/<model>)"),
     shards: list[str] = typer.Option(None, help="only these shards (repeatable); default all"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: params device)"),
-    dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: the model's)"),
-    batch_size: int = typer.Option(None, help="images per forward pass"),
-    num_workers: int = typer.Option(None, help="DataLoader workers decoding images"),
-    save_every: int = typer.Option(None, help="images per resumable part file"),
     skip_existing: bool = typer.Option(True, help="keep finished shards/parts of the same model and images"),
     metrics: Path = typer.Option(None, help="summary JSON (default: metrics/extract/<model>.json)"),
     worker: int = typer.Option(0, help="this process's number, 0..workers-1 (with --workers)"),
     workers: int = typer.Option(1, help="split the work over this many processes: each writes only its own "
                                 "part files; a plain run afterwards joins them"),
-    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
 ):
-    """Extract E_pre (connector input) and E_post (connector output) per image, resumably."""
-    if threads:
-        torch.set_num_threads(threads)
+    """Extract E_pre (connector input) and E_post (connector output) per image, resumably. How (device, dtype,
+    batch size, threads) is params.yaml's: every knob that can change a number is a param."""
     if not 0 <= worker < workers:
         raise typer.BadParameter(f"--worker must be in 0..{workers - 1} for --workers {workers}, not {worker}")
     if workers > 1 and not skip_existing:
         raise typer.BadParameter("--no-skip-existing would make every worker delete the others' parts; "
                                  "delete the output folder once before starting the workers instead")
     params = load_params()
-    cfg, data = params["extract"], params["data"]
-    spec = extraction_spec(model, params, dtype)  # the image processor's class and backend included
-    root = root or Path(data["root"])
-    out = out or layout.data("vectors", model)
+    use_threads(params["threads"])
+    cfg, data, spec = params["extract"], params["data"], extraction_spec(model, params)  # the processor's backend too
+    root, out = root or Path(data["root"]), out or layout.data("vectors", model)
     if not skip_existing and out.exists():
         shutil.rmtree(out)
     folder = scan(root, shards=shards or None)
-    for empty in folder.empty_shards:
-        typer.echo(f"extract: {empty}: a shard folder without images (left out)")
-    if folder.missing_captions:
-        typer.echo(f"extract: {len(folder.missing_captions)} images without a reference file (kept; e.g. "
-                   f"{folder.missing_captions[0]})")
+    for line in folder.notes():
+        typer.echo(f"extract: {line}")
     # loaded on first use: a run that only joins the workers' parts never needs the model
-    adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))
-    store = spec["store_dtype"]
-    summary = extract(adapter, folder.items, out, spec,
-                      setting=f"params.yaml models.{model}.image_size (now {spec['image_size']})",
-                      on_bad_image=data["on_bad_image"], store_dtype=resolve_dtype(store),
-                      batch_size=batch_size or cfg["batch_size"],
-                      save_every=save_every or cfg["save_every"], worker=worker, workers=workers,
-                      num_workers=cfg["num_workers"] if num_workers is None else num_workers)
+    adapter = LazyAdapter(lambda: load_model(spec, params["device"]))
+    summary = extract(adapter, folder.items, out, spec, setting=f"params.yaml models.{model}.image_size (now "
+                      f"{spec['image_size']})", on_bad_image=data["on_bad_image"],
+                      store_dtype=resolve_dtype(spec["store_dtype"]), batch_size=cfg["batch_size"],
+                      save_every=cfg["save_every"], worker=worker, workers=workers, num_workers=cfg["num_workers"])
     if workers > 1:  # the metrics belong to the joining run, which sees every shard
-        typer.echo(f"extract: {model}: worker {worker}/{workers} wrote its parts under {out} "
-                   f"({summary['shards']}) in {summary['seconds']} s")
+        typer.echo(f"extract: {model}: worker {worker}/{workers} wrote its parts under {out} ({summary['shards']}) "
+                   f"in {summary['seconds']} s")
         return
     for stem, why in summary["skipped"]:
         typer.echo(f"extract: skipped unreadable image {stem}: {why}")
-    # the JSON is the same whether or not the run was interrupted; how the work went is printed
-    report = {"images": summary["images"], "skipped": summary["skipped"], "model": spec, "store_dtype": store,
-              "missing_captions": len(folder.missing_captions)}
-    write_json(metrics or layout.details("extract", model), report)
+    write_json(metrics or layout.details("extract", model), extraction_report(summary, spec, folder))
     write_timings("extract", model, total=summary["seconds"], load=adapter.load_seconds)
     typer.echo(f"extract: {model}: {summary['images']} images from {root} -> {out}: {summary['computed']} encoded "
                f"now, the rest kept from finished shards or parts ({summary['shards']}) in {summary['seconds']} s")
-
 
 if __name__ == "__main__":
     run(app)

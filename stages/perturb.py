@@ -11,12 +11,10 @@ i = 0..N-1, then once the plain command (as in dvc.yaml), which joins their part
 import time
 from pathlib import Path
 
-import torch
 import typer
 
-from common import LazyAdapter, load_model, load_params, model_spec, run
+from common import LazyAdapter, load_model, load_params, model_spec, run, use_threads
 from conngeo import layout
-from conngeo.captions import MODES
 from conngeo.captions.sweep import perturbed_captions
 from conngeo.data.images import scan
 from conngeo.data.vectors import shard_folders
@@ -30,29 +28,20 @@ def main(
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     vectors: Path = typer.Option(None, help="extracted vector shards (default data/vectors/<model>)"),
     out: Path = typer.Option(None, help="output folder (default data/perturb/<model>)"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
-    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     worker: int = typer.Option(0, help="this process's number, 0..workers-1 (with --workers)"),
     workers: int = typer.Option(1, help="split the windows of images over this many processes: each writes only "
                                 "<out>/parts/<shard>-<start>.csv; a plain run afterwards joins them"),
 ):
     """Perturb every image's E_post at every mode and level of params perturb, and caption it."""
-    if threads:
-        torch.set_num_threads(threads)
     if not 0 <= worker < workers:
         raise typer.BadParameter(f"--worker must be in 0..{workers - 1} for --workers {workers}, not {worker}")
     start = time.perf_counter()
     params = load_params()
+    use_threads(params["threads"])
     cfg, pcfg = params["captions"], params["perturb"]
-    unknown = sorted(set(pcfg["modes"]) - set(MODES))
-    if unknown:
-        raise SystemExit(f"params.yaml perturb.modes: unknown {unknown}; choose from {MODES}")
-    bad = [lv for lv in pcfg["levels"] if not 0 < float(lv) <= 1]
-    if bad:
-        raise SystemExit(f"params.yaml perturb.levels: {bad} not in (0, 1]")
     spec = model_spec(model, params)
     out = out or layout.data("perturb", model)
-    adapter = LazyAdapter(lambda: load_model(spec, device or params["device"]))  # not loaded if every unit is done
+    adapter = LazyAdapter(lambda: load_model(spec, params["device"]))  # not loaded if every unit is done
     summary = perturbed_captions(
         adapter, scan(root or Path(params["data"]["root"])),
         shard_folders(vectors or layout.data("vectors", model), f"dvc repro extract@{model}"), out, spec,

@@ -26,7 +26,6 @@ def main(
     space: str = typer.Option(..., help="a name from params.yaml references.spaces"),
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     out: Path = typer.Option(None, help="default data/refs/<space>"),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: params device)"),
 ):
     """Embed every image of every shard (attributes: read attributes.csv instead)."""
     params = load_params()
@@ -35,7 +34,7 @@ def main(
     root = root or Path(data["root"])
     out = out or layout.data("refs", space)
     folder = scan(root)
-    reference = None if spec["kind"] == "attributes" else load_reference_model(spec, device or params["device"])
+    reference = None if spec["kind"] == "attributes" else load_reference_model(spec, params["device"])
     bs, written, skipped = cfg["batch_size"], 0, []
     for shard in folder.shards:
         stems, batches = [], []

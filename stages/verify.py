@@ -50,11 +50,10 @@ def vectors(
     model: str = typer.Option(..., help="a name from params.yaml `models`"),
     root: Path = typer.Option(None, help="image root (default: params data.root)"),
     out: Path = typer.Option(None, help="the extraction's output (default: data/vectors/<model>)"),
-    dtype: str = typer.Option(None, help="the --dtype the extraction ran with, if any"),
 ):
     """Every image of the root exactly once in data/vectors/<model>, consistent, no partial files."""
     params = load_params()
-    spec = extraction_spec(model, params, dtype)
+    spec = extraction_spec(model, params)
     out = out or layout.data("vectors", model)
     folder = scan(root or Path(params["data"]["root"]))
     report(f"vectors {model}", verify_extraction(folder.items, out, spec),

@@ -16,7 +16,7 @@ one-line error that names the file and the fix, or a listed skip; nothing is los
     4  NaN / inf in a vector shard                    VectorReader: ValueError naming the shard file, image and fix
     5  a shard of another model / revision            never reused nor mixed: replaced, incomplete (no index.csv)
                                                       until joined; verify names the other fingerprint
-    6  data/refs/<space> missing                      knn: error naming the folder and `dvc repro references@<space>`
+    6  data/refs/<space> missing                      geometry: error naming the folder and `dvc repro references@<space>`
     7  a params.yaml key misspelt                     KeyError naming the key and the typo
     8  cases 2, 3, 4, 6, 7 through a stage script     exit 1, stderr one line naming the file, no traceback
 """
@@ -129,7 +129,7 @@ def recon_split(tmp, stems):
 
 
 def pandas_table(tmp, stems):
-    """knn, recon_eval per_image.csv: written by pandas, read by the report (conngeo.report.tables)."""
+    """geometry, recon_eval per_image.csv: written by pandas, read by the report (conngeo.report.tables)."""
     pd.DataFrame({"stem": stems, "knor@5": np.linspace(0, 1, len(stems))}).to_csv(
         tmp / "per_image.csv", index=False, float_format="%.6g")
     return read_csv(tmp / "per_image.csv").index.tolist()
@@ -379,12 +379,12 @@ def unreadable_image_in_a_worker(tmp_path):
     (tmp_path / "images" / "shard000").mkdir(parents=True)
     BAD["text.png"](tmp_path / "images" / "shard000" / "a,b.png")
     picture().save(tmp_path / "images" / "shard000" / "b.png")
-    params_with(tmp_path, data={"root": "images", "on_bad_image": "error"})
+    params_with(tmp_path, data={"root": "images", "on_bad_image": "error"}, extract={"num_workers": 1})
     # the checkpoint's processor is read first (the fingerprint records it); the model is loaded on first use,
     # and the unreadable first image stops the run before
     cls = adapter_class("qwen2.5vl")
     cls.tiny(toy_tokenizer(cls.special_tokens), SIZE, seed=0).save(tmp_path / "data/zoo/qwen2_5vl")
-    return "extract", ["--model", "qwen2_5vl", "--num-workers", "1"], "images/shard000/a,b.png"
+    return "extract", ["--model", "qwen2_5vl"], "images/shard000/a,b.png"
 
 
 def shard_of_unreadable_images(tmp_path):
@@ -399,13 +399,13 @@ def shard_of_unreadable_images(tmp_path):
 def nan_in_vectors(tmp_path):
     vectors(tmp_path, nan=True)
     params_with(tmp_path)
-    return "knn", ["--model", "m"], "data/vectors/m/shard000/pre.safetensors"
+    return "geometry", ["--model", "m"], "data/vectors/m/shard000/pre.safetensors"
 
 
 def missing_reference_space(tmp_path):
     vectors(tmp_path)
     params_with(tmp_path)
-    return "knn", ["--model", "m"], "data/refs/clip"
+    return "geometry", ["--model", "m"], "data/refs/clip"
 
 
 def misspelt_params_key(tmp_path):
@@ -416,7 +416,7 @@ def misspelt_params_key(tmp_path):
 
 STAGE_CASES = [unreadable_image_in_a_worker, shard_of_unreadable_images, nan_in_vectors, missing_reference_space,
                misspelt_params_key]
-FIXES = {"extract": "on_bad_image: skip", "references": "move the folder out", "knn": "dvc repro",
+FIXES = {"extract": "on_bad_image: skip", "references": "move the folder out", "geometry": "dvc repro",
          "recon": "recon.epcohs"}
 
 
@@ -432,5 +432,5 @@ def test_a_stage_says_it_in_one_line(case, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"{name}: error: ") and named in lines[0] and FIXES[name] in lines[0], lines[0]
-    if name == "knn" and named == "data/refs/clip":
+    if name == "geometry" and named == "data/refs/clip":
         assert "dvc repro references@clip" in lines[0]

@@ -1,6 +1,6 @@
 """The examples page (conngeo.report.examples): the word diff, the selection by hand, escaping of stems,
 captions and references (commas, quotes, non-ASCII, markup), thumbnails and the page's size bound, how it
-degrades where neighbours or images are missing; the knn stage's neighbours table against brute force;
+degrades where neighbours or images are missing; the geometry stage's neighbours table against brute force;
 make_sample carrying the images the page shows; and pages in a real browser (headless Chromium; the
 committed sample's page is opened in test_report.py)."""
 
@@ -266,9 +266,9 @@ def test_the_browser_check_finds_what_is_wrong(tmp_path):
         assert shot.size == (1280, 800)
 
 
-# -- the knn stage's neighbours and make_sample --------------------------------------------------------------
+# -- the geometry stage's neighbours and make_sample --------------------------------------------------------------
 
-def test_knn_stage_writes_each_images_nearest_neighbours_by_stem(tmp_path):
+def test_geometry_stage_writes_each_images_nearest_neighbours_by_stem(tmp_path):
     """neighbours.csv against brute force on the mean-pooled vectors (L2, the image itself excluded)."""
     stems = ODD + [f"img{i}" for i in range(14)]
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def test_knn_stage_writes_each_images_nearest_neighbours_by_stem(tmp_path):
     params["references"]["spaces"] = {}
     params["geometry"].update(ks=[3, 5], neighbours=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "knn.py"), "--model", "m"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "geometry.py"), "--model", "m"], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr
     table = examples.read_neighbours(tmp_path, "m")

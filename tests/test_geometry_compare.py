@@ -1,4 +1,4 @@
-"""compare_spaces / image_spectra / dataset_spectra: the knn stage's numbers, against direct per-pair computations."""
+"""compare_spaces / image_spectra / dataset_spectra: the geometry stage's numbers, against direct per-pair computations."""
 
 import torch
 

@@ -34,6 +34,7 @@ def project(tmp_path_factory):
     params = tiny_project(root, "llava", "llava", images_per_shard=6, batch_size=6)
     params["captions"].update(max_new_tokens=6, batch_size=4)
     params["perturb"].update(modes=["mask", "lowrank"], levels=LEVELS)
+    params["threads"] = 1
     clip, processor = pretrain.tiny_clip(toy_tokenizer(), image_size=48, patch_size=16, hidden_size=32, num_layers=1,
                                          seed=3)
     clip.save_pretrained(root / "models" / "clip")
@@ -51,7 +52,7 @@ def project(tmp_path_factory):
 
 
 def stage(project, name, *args, **kwargs):
-    return subprocess.Popen([sys.executable, f"stages/{name}.py", "--model", "llava", "--threads", "1", *args],
+    return subprocess.Popen([sys.executable, f"stages/{name}.py", "--model", "llava", *args],
                             cwd=project, env={**ENV, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 

@@ -164,10 +164,10 @@ def test_report_outputs_and_offline_plots_page(smoke_project):
     for rel in ("summary.csv", "summary.md", "question.csv", "question.md", "figures/question.png",
                 "figures/patch_loss.png", "series/perturbation.csv", "examples/index.html"):
         assert (results / rel).is_file(), rel
-    # the examples page shows the study's own images and each shown image's neighbours from the knn stage
+    # the examples page shows the study's own images and each shown image's neighbours from the geometry stage
     page = (results / "examples/index.html").read_text()
     assert "not in this sample" not in page.lower() and list((results / "examples/thumbs").glob("*.jpg"))
-    assert (smoke_project / "data/knn/llava/neighbours.csv").is_file()
+    assert (smoke_project / "data/geometry/llava/neighbours.csv").is_file()
     run("dvc", "plots", "show", cwd=smoke_project)
     page = (smoke_project / "dvc_plots/index.html").read_text()
     assert "vegaEmbed" in page and "results_figures_question.png" in page

@@ -414,7 +414,7 @@ def test_stages_train_export_and_evaluate(tmp_path, monkeypatch):
     params["recon"].update(epochs=4, patience=4, batch_size=16, warmup=4, hidden_size=16, num_layers=1, num_heads=2,
                            val_fraction=0.25, test_fraction=0.25, patch_maps=2)
     Path("params.yaml").write_text(yaml.safe_dump({"recon": params["recon"], "models": params["models"],
-                                                   "device": params["device"], "max_window_mb": 0.002}))
+                                                   "device": params["device"], "threads": None, "max_window_mb": 0.002}))
     pairs = merge_pairs(n=80, side=4, d=3)
     names = [f"study_{i // 40:03d}_{i % 40:05d}" for i in range(80)]
     split = split_by_stem(names, 0.25, 0.25)
@@ -479,7 +479,7 @@ def test_stages_train_export_and_evaluate(tmp_path, monkeypatch):
     # wrong E_post width for the trained model: a clear error
     write_shard(Path("other/shard000"), names[:2], list(pairs.pre[:2]), list(pairs.post[:2, :, :5]))
     result = runner.invoke(stage("recon_export"), ["--model", "qwen2_5vl", "--vectors", "other", "--out", "o2"])
-    assert result.exit_code != 0 and "retrain" in result.output
+    assert result.exit_code != 0 and "retrain `dvc repro recon@qwen2_5vl`" in str(result.exception)
 
 
 def test_data_parallel_training_equals_one_process(tmp_path):
@@ -496,7 +496,7 @@ def test_data_parallel_training_equals_one_process(tmp_path):
         sl = slice(30 * k, 30 * (k + 1))
         write_shard(tmp_path / f"data/vectors/m/shard{k:03d}", pairs.stems[sl], list(pairs.pre[sl]), list(pairs.post[sl]))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recon": params["recon"], "models": params["models"],
-                                                          "device": "cpu", "max_window_mb": 0.001}))
+                                                          "device": "cpu", "threads": None, "max_window_mb": 0.001}))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "stages")}
     histories = {}
     for name, launcher in (("one", [sys.executable]),

@@ -86,26 +86,22 @@ MEASURES = tables.measures(["mask"], [0.5])
 
 
 def synthetic_tables(n=120, seed=0, models=("llava", "qwen2_5vl")):
-    """Per-image tables as tables.per_image() builds them: in the first model the instability follows the
-    reconstruction error; in the second, the food count drives both KNOR change and masking instability (a
-    confounder, no direct link); everything else is noise, and one measure is constant."""
+    """Per-image tables as tables.per_image() builds them, one column per measure of MEASURES (noise, unless
+    planted): in the first model the instability follows the reconstruction error; in the second, the food
+    count drives both KNOR change and masking instability (a confounder, no direct link); one measure is
+    constant."""
     rng = np.random.default_rng(seed)
     out = {}
     for j, model in enumerate(models):
         mse = rng.gamma(2.0, 0.3, size=n)
         count = rng.integers(1, 7, size=n)
         confounded = j == 1
-        out[model] = pd.DataFrame({
-            "stem": [f"s{i:03d}" for i in range(n)],
-            "split": np.where(np.arange(n) % 5 == 0, "train", "test"),
+        table = {"stem": [f"s{i:03d}" for i in range(n)], "split": np.where(np.arange(n) % 5 == 0, "train", "test")}
+        table.update({x.name: rng.normal(size=n) for x in MEASURES})
+        table.update({
             "knor_change": rng.uniform(0, 1, size=n) + (count if confounded else 0),
-            "erank_drop": rng.normal(size=n),
-            "distortion": rng.uniform(0, 1, size=n),
             "recon_mse": mse,
-            "lm_error": rng.gamma(2.0, 0.1, size=n),
-            "recon_cosine_loss": rng.uniform(0, 0.2, size=n),
             "bertscore_instability": (mse if j == 0 else 0) + 0.1 * rng.normal(size=n),
-            "clipscore_drop": rng.normal(size=n),
             "attribute_error_change": np.zeros(n),                 # constant: undefined correlation
             "mask_instability": (count + rng.uniform(0, 1, size=n)) if confounded else
                                 np.where(np.arange(n) < 5, rng.uniform(0.1, 1, size=n), 0.0),  # m = 5
@@ -115,6 +111,7 @@ def synthetic_tables(n=120, seed=0, models=("llava", "qwen2_5vl")):
             "erank_post": rng.uniform(2, 9, size=n),
             "clipscore_post": rng.uniform(0.3, 0.9, size=n),
         })
+        out[model] = pd.DataFrame(table)
     return out
 
 
@@ -341,11 +338,11 @@ def test_stage_on_the_sample_writes_every_declared_output(sample_report, tmp_pat
     assert "results/figures" in declared and "results/series/perturbation.csv" in declared
     for path in declared:
         assert path.startswith("results/") and (out / path.removeprefix("results/")).exists(), path
-    # the summary's numbers come from the inputs: one row per model, KNOR as the knn stage reported it
+    # the summary's numbers come from the inputs: one row per model, KNOR as the geometry stage reported it
     summary = pd.read_csv(out / "summary.csv")
     assert summary["model"].tolist() == list(params["models"])
     for _, row in summary.iterrows():
-        metrics = json.loads((SAMPLE / "metrics/knn" / f"{row['model']}.json").read_text())
+        metrics = json.loads((SAMPLE / "metrics/geometry" / f"{row['model']}.json").read_text())
         for k in metrics["ks"]:
             assert row[f"knor_pre_post@{k}"] == pytest.approx(metrics["pairs"]["pre_post"][f"knor@{k}"], rel=1e-5)
     # the same inputs and seed give the same correlations and the same figures

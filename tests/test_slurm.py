@@ -46,7 +46,7 @@ def project(tmp_path_factory):
         models[name] = {"family": family, "source": str(root / "models" / name), "hub": None, "revision": None,
                         "dtype": "float32", "prompt": "", "image_size": 48}
     # 5 images a shard in parts of 3: chunks (shard000: 0, 1), (shard001: 0, 1), dealt across workers
-    params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models, "device": "cpu",
+    params = {"data": {"root": "images", "on_bad_image": "error"}, "models": models, "device": "cpu", "threads": 1,
               "extract": {"batch_size": 2, "num_workers": 0, "save_every": 3, "store_dtype": None},
               "captions": {"max_new_tokens": 4, "batch_size": 2},
               "references": {"spaces": {}}, "perturb": {"modes": [], "levels": []}}
@@ -257,7 +257,7 @@ def wait_for_jobs(env, timeout=180):
 
 
 def test_slurm_array_over_models_and_shards_equals_one_process(project, single, slurm):
-    env = {**slurm, "MODELS": " ".join(MODELS), "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
+    env = {**slurm, "MODELS": " ".join(MODELS), "WORKERS": "2",
            # the wrappers' defaults ask for a GPU, 32G and a warning 900 s before an 8 h wall; this node has
            # 2 CPUs, 2 GB and no GPU, and these tasks take seconds
            "SBATCH_ARGS": "--gres=none --cpus-per-task=1 --mem=400M --time=10 --signal=B:USR1@30"}
@@ -290,6 +290,7 @@ def long_sweep(tmp_path_factory):
     shutil.copytree(ROOT / "scripts", root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     params["captions"].update(max_new_tokens=8, batch_size=4)
     params["max_window_mb"] = 1e-6  # a window of one generate batch
+    params["threads"] = 1
     params["perturb"].update(modes=["mask", "lowrank"], levels=[round(0.1 * i, 1) for i in range(1, 11)])
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     stages = Stages(root)
@@ -329,7 +330,7 @@ def test_slurm_tasks_warned_of_their_wall_requeue_and_the_chain_completes(long_s
     project = long_sweep
     # The workers ask for both CPUs, so they run one after the other; each is warned once, mid-sweep, and
     # its next run resumes. Meanwhile this process runs the same sweep uninterrupted, as the reference.
-    env = {**slurm, "MODELS": "llava", "WORKERS": "2", "EXTRA_ARGS": "--threads 1",
+    env = {**slurm, "MODELS": "llava", "WORKERS": "2",
            "SBATCH_ARGS": "--gres=none --cpus-per-task=2 --mem=400M --time=10 --signal=B:USR1@30"}
     proc = subprocess.run(["bash", "scripts/slurm/submit.sh", "perturb"], cwd=project, env=env,
                           capture_output=True, text=True)

@@ -11,9 +11,6 @@
 #   WORKERS      processes per model for extract, captions and perturb (default 4); their parts are
 #                joined by one plain stage run per model, then checked by stages/verify.py
 #   SBATCH_ARGS  extra sbatch options for every job, e.g. "--partition=gpu --gres=gpu:a100:1"
-#   EXTRA_ARGS   extra options for the extract, captions and perturb commands that do not change results,
-#                e.g. "--threads 4"; what changes results (device, dtype...) belongs in params.yaml,
-#                or `dvc commit` records params that did not make the outputs
 #   AFTER        a job id the first job waits for (afterok)
 #   RECON_GPUS   GPUs per reconstructor training (default 1); more runs stages/recon.py under torchrun
 #                (DistributedDataParallel, each rank streaming its share of every batch)
@@ -27,8 +24,7 @@ MODELS=${MODELS:-$(param 'p["models"]')}
 SPACES=${SPACES:-$(param 'p["references"]["spaces"]')}
 WORKERS=${WORKERS:-4}
 SBATCH_ARGS=${SBATCH_ARGS:-}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-CPU="--gres=none"   # stages that never touch a model: knn, recon_eval, the joins
+CPU="--gres=none"   # stages that never touch a model: geometry, recon_eval, the joins
 LOGS=logs/slurm
 mkdir -p "$LOGS"    # Slurm does not create the --output folder
 
@@ -53,14 +49,14 @@ verify() { echo "(trap '' TERM; python stages/verify.py $1 --model $2)"; }
 sharded() {  # STAGE VERIFY AFTER
   local stage=$1 check=$2 after=$3 id m i
   if [ "$WORKERS" -eq 1 ]; then
-    for m in $MODELS; do echo "python stages/$stage.py --model $m $EXTRA_ARGS && $(verify "$check" "$m")"; done |
+    for m in $MODELS; do echo "python stages/$stage.py --model $m && $(verify "$check" "$m")"; done |
       array "$stage" "$after"
     return
   fi
   id=$(for m in $MODELS; do for ((i = 0; i < WORKERS; i++)); do
-         echo "python stages/$stage.py --model $m --worker $i --workers $WORKERS $EXTRA_ARGS"; done; done |
+         echo "python stages/$stage.py --model $m --worker $i --workers $WORKERS"; done; done |
        array "$stage" "$after")
-  for m in $MODELS; do echo "python stages/$stage.py --model $m $EXTRA_ARGS && $(verify "$check" "$m")"; done |
+  for m in $MODELS; do echo "python stages/$stage.py --model $m && $(verify "$check" "$m")"; done |
     array "$stage-join" "$id" $CPU
 }
 per_model() {  # STAGE AFTER [sbatch options]
@@ -73,7 +69,7 @@ extract()      { sharded extract vectors "$1"; }
 captions()     { sharded captions captions "$1"; }
 references()   { local s; for s in $SPACES; do echo "python stages/references.py --space $s"; done |
                    array references "$1"; }
-knn()          { per_model knn "$1" $CPU; }
+geometry()     { per_model geometry "$1" $CPU; }
 recon() {  # RECON_GPUS > 1: data parallel on that many GPUs of one node (torchrun; the same result, faster)
   local m   # torchrun kills its ranks 30 s after a SIGTERM by default: let them finish their epoch (the wall bounds it)
   if [ "${RECON_GPUS:-1}" -gt 1 ]; then
@@ -91,13 +87,13 @@ perturb()      { sharded perturb perturb "$1"; }  # every worker: its windows of
 all() {  # the DAG of dvc.yaml from extraction on (toyworld, pretrain and zoo are light: dvc repro them first)
   local ex rf kn rc re ev ca pe
   ex=$(extract "$1"); rf=$(references "$1")
-  kn=$(knn "$ex:$rf"); rc=$(recon "$ex"); re=$(recon_export "$rc"); ev=$(recon_eval "$re")
+  ge=$(geometry "$ex:$rf"); rc=$(recon "$ex"); re=$(recon_export "$rc"); ev=$(recon_eval "$re")
   ca=$(captions "$re"); pe=$(perturb "$ex")
-  score "$ca:$pe:$kn:$ev"   # the last job waits for everything (knn and recon_eval only so that it ends last)
+  score "$ca:$pe:$ge:$ev"   # the last job waits for everything (geometry and recon_eval only so that it ends last)
 }
 
-stage=${1:?usage: scripts/slurm/submit.sh extract|references|knn|recon|recon_export|recon_eval|captions|perturb|score|all}
+stage=${1:?usage: scripts/slurm/submit.sh extract|references|geometry|recon|recon_export|recon_eval|captions|perturb|score|all}
 case $stage in
-  extract|references|knn|recon|recon_export|recon_eval|captions|perturb|score|all) $stage "${AFTER:-}" ;;
+  extract|references|geometry|recon|recon_export|recon_eval|captions|perturb|score|all) $stage "${AFTER:-}" ;;
   *) echo "submit.sh: unknown stage $stage" >&2; exit 2 ;;
 esac

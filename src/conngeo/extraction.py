@@ -314,3 +314,10 @@ def verify(items: list[Item], out: Path, model_spec: dict | None = None) -> list
     problems += [f"{p}: partial file left behind (an unfinished run; rerun the plain stage to join parts)"
                  for p in sorted(leftovers)]
     return problems
+
+
+def extraction_report(summary: dict, spec: dict, folder) -> dict:
+    """metrics/extract/<model>.json from `extract`'s summary: the same whether or not the run was interrupted
+    (how the work went, computed or kept, is not in it)."""
+    return {"images": summary["images"], "skipped": summary["skipped"], "model": spec,
+            "store_dtype": spec["store_dtype"], "missing_captions": len(folder.missing_captions)}

@@ -36,7 +36,7 @@ from ..resume import fingerprint
 from . import parts
 from .generate import generate_captions
 from .inputs import match_images
-from .perturb import perturb, perturbation_size, relative_change
+from .perturb import MODES, perturb, perturbation_size, relative_change
 from .table import write_table
 
 COLUMNS = ("stem", "shard", "caption", "changed", "fraction", "relative_change", "reused_from")
@@ -102,6 +102,12 @@ def perturbed_captions(adapter, folder: ImageFolder, shards: Sequence[Path], out
     """
     if not 0 <= worker < workers:
         raise ValueError(f"worker must be in 0..{workers - 1} for {workers} workers, not {worker}")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"params.yaml perturb.modes: unknown {unknown}; choose from {MODES}")
+    bad = [lv for lv in levels if not 0 < float(lv) <= 1]
+    if bad:
+        raise ValueError(f"params.yaml perturb.levels: {bad} not in (0, 1]")
     out = Path(out)
     readers = [VectorReader([f], sides=("post",)) for f in shards]
     images = [[it.path for it in match_images(folder, r.stems, str(f))] for r, f in zip(readers, shards)]

@@ -50,6 +50,14 @@ class ImageFolder:
     missing_captions: list[Path] = field(default_factory=list)  # the .txt files that were expected
     empty_shards: list[Path] = field(default_factory=list)  # shard folders holding no image (left out)
 
+    def notes(self) -> list[str]:
+        """What a stage says of the folder before it starts: the shards left out, the references missing."""
+        lines = [f"{empty}: a shard folder without images (left out)" for empty in self.empty_shards]
+        if self.missing_captions:
+            lines.append(f"{len(self.missing_captions)} images without a reference file (kept; e.g. "
+                         f"{self.missing_captions[0]})")
+        return lines
+
     def __len__(self) -> int:
         return len(self.items)
 

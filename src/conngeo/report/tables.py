@@ -285,7 +285,13 @@ def per_image(m: ModelInputs, table: list[Measure], context: dict, covariates: p
                              "rerun the stale upstream stages (`dvc repro`)")
     out = pd.DataFrame({"stem": stems, "split": m.recon.loc[stems, "split"].to_numpy()})
     for measure in table:
-        out[measure.name] = pd.to_numeric(measure.compute(m, context).reindex(stems), errors="coerce").to_numpy()
+        try:
+            values = measure.compute(m, context)
+        except KeyError as err:  # an input written before the measure existed, or by a stage that was changed
+            raise ValueError(f"{m.name}: measure {measure.name!r} ({measure.description}) needs {err.args[0]!r}, which "
+                             "its inputs lack; rerun the stages that write them (`dvc repro`; for a sample folder, "
+                             "`python scripts/make_sample.py . --out sample` after it)") from None
+        out[measure.name] = pd.to_numeric(values.reindex(stems), errors="coerce").to_numpy()
     for name in covariates.columns:
         out[name] = covariates.loc[stems, name].to_numpy()
     out["erank_post"] = m.geometry.loc[stems, "erank_post"].to_numpy()
