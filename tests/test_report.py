@@ -404,6 +404,10 @@ def test_per_image_measures_from_upstream_tables_by_hand():
     m.recon = recon.iloc[:1]
     with pytest.raises(ValueError, match="not the same ones"):
         tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}}, covariates)
+    # an input written before a measure's column existed: the error names the measure, the column, the commands
+    m.recon, m.geometry = recon, knn.drop(columns="erank_pre")
+    with pytest.raises(ValueError, match=r"measure 'erank_drop' .* needs 'erank_pre'.*`dvc repro`.*make_sample"):
+        tables.per_image(m, MEASURES, {"k": 5, "fractions": {"mask": 0.5}}, covariates)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # captions that never move

@@ -22,9 +22,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from PIL import Image
 from transformers import GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data.vectors import resolve_dtype
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 # generation settings a checkpoint's generation_config.json may carry that the study never uses: it
 # decodes plain greedy whatever the checkpoint suggests (e.g. Qwen2.5-VL's repetition_penalty 1.05)
