@@ -1,4 +1,4 @@
-"""Benchmark: do the streaming stages (knn, recon, recon_export, recon_eval) and score stay flat in memory as N grows?
+"""Benchmark: do the streaming stages (geometry, recon, recon_export, recon_eval) and score stay flat in memory as N grows?
 
 Baseline: the pre-streaming code, which held every image's token matrices at once and measured
 0.8x (join), 3.3x (recon), 2.1x (recon_export) and 3.4x (recon_eval) of the vector data in RAM
@@ -24,7 +24,7 @@ gets its own project folder (params.yaml from the repository's, the benchmark se
 symlinked; data/vectors/<model>/<shard> symlinks to the first N / shard-size shards). In it the
 stages run exactly as dvc.yaml calls them, each in its own subprocess:
 
-    python stages/knn.py --model M ; python stages/recon.py --model M (one epoch) ;
+    python stages/geometry.py --model M ; python stages/recon.py --model M (one epoch) ;
     python stages/recon_export.py --model M ; python stages/recon_eval.py --model M
 
 Measured per stage and N: peak RSS (the stage's ru_maxrss from wait4 in a small intermediate process,
@@ -34,10 +34,10 @@ allocated, without those file pages, which the kernel can drop) and wall seconds
 and of data/recon_vectors against the raw bf16 E_pre.
 
 Benchmark settings (params.yaml of each project): references.spaces = {clip}, data.root an empty
-image folder (no attributes.csv / objects.csv: the probes are skipped), knn.ks [10, 50], recon
+image folder (no attributes.csv / objects.csv: the probes are skipped), geometry.ks [10, 50], recon
 epochs 1, patience 1, model_type transformer, batch_size 32, hidden_size 128, num_layers 1,
 max_window_mb 256, device cpu. Threads: --threads sets OMP_NUM_THREADS / MKL_NUM_THREADS of the
-stages (default: torch's choice; on a shared 2-core machine --threads 1 ran knn's per-image SVDs
+stages (default: torch's choice; on a shared 2-core machine --threads 1 ran geometry's per-image SVDs
 ~10x faster than 2 threads).
 
 Score (`--stages score`, its own synthetic data, no vectors): N synthetic photographs (320 x 240 JPEG
@@ -54,7 +54,7 @@ own. Baseline: the stage scripts of another checkout, `--score-baseline <checkou
 commit f978d21, before score was chunked: it kept every distinct sentence's embeddings), run on the same
 data with this checkout's library and printed as a row of its own.
 
-Cost: about 2.8 s per LLaVA image for the four stages on one core (knn's per-image SVDs ~1.2 s,
+Cost: about 2.8 s per LLaVA image for the four stages on one core (geometry's per-image SVDs ~1.2 s,
 recon_eval ~1 s), so the default (1,750 images per shape set, three sets) takes hours; writes up to
 ~6 GB of shards per shape set (LLaVA at N=1000) plus the reconstructions of one N at a time.
 """
@@ -84,7 +84,7 @@ from conngeo.families.qwen2_5_vl import raster_order
 app = typer.Typer(add_completion=False)
 
 REPO = Path(__file__).resolve().parents[1]
-VECTOR_STAGES = ("knn", "recon", "recon_export", "recon_eval")
+VECTOR_STAGES = ("geometry", "recon", "recon_export", "recon_eval")
 STAGES = (*VECTOR_STAGES, "score")
 BASELINE = {"recon": 3.3, "recon_export": 2.1, "recon_eval": 3.4}  # x the vector data in RAM, pre-streaming
 N_PRE = 576
