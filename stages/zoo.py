@@ -63,5 +63,6 @@ def main(
         train_all(todo, needs, zoo["workers"], script)
         write_timings("zoo", "all", total=time.perf_counter() - start)
 
+
 if __name__ == "__main__":
     run(app)

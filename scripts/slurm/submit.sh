@@ -85,7 +85,7 @@ recon_eval()   { per_model recon_eval "$1" $CPU; }
 score()        { per_model score "$1"; }
 perturb()      { sharded perturb perturb "$1"; }  # every worker: its windows of images at every mode and level
 all() {  # the DAG of dvc.yaml from extraction on (toyworld, pretrain and zoo are light: dvc repro them first)
-  local ex rf kn rc re ev ca pe
+  local ex rf ge rc re ev ca pe
   ex=$(extract "$1"); rf=$(references "$1")
   ge=$(geometry "$ex:$rf"); rc=$(recon "$ex"); re=$(recon_export "$rc"); ev=$(recon_eval "$re")
   ca=$(captions "$re"); pe=$(perturb "$ex")
